@@ -1,0 +1,262 @@
+//! The transport protocol: what a driver (or `vmdevctl`) says to `vmdev-control` over
+//! `control.sock`. One request, one reply, in order. Driver operations mirror the
+//! virtio-mdev transport (and Linux `struct vdpa_config_ops`); management operations
+//! mirror the `mdevctl` verbs.
+
+use crate::{error::WireError, Hello};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A request to the control plane. Requests marked *(+1 fd)* carry exactly one fd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Must be first on every connection.
+    Hello(Hello),
+
+    // ---- management (vmdevctl) ----
+    /// Lists parents and the device types they offer.
+    ListTypes,
+    /// Lists devices.
+    ListDevices,
+    /// Creates a device on a parent.
+    StartDevice {
+        /// Parent (datapath) name.
+        parent: String,
+        /// Device type, e.g. `net-loopback`.
+        device_type: String,
+        /// UUID to use; a random one when absent.
+        uuid: Option<Uuid>,
+        /// Attributes such as `mac`, `mtu`, `queue-size`.
+        attrs: Vec<(String, String)>,
+    },
+    /// Removes a device (its driver, if any, loses it).
+    StopDevice {
+        /// Which device.
+        uuid: Uuid,
+    },
+    /// Reads a device's per-queue counters.
+    GetStats {
+        /// Which device.
+        uuid: Uuid,
+    },
+
+    // ---- driver: binding ----
+    /// Claims a device for this connection (one driver per device).
+    Open {
+        /// Which device.
+        uuid: Uuid,
+    },
+
+    // ---- driver: virtio-mdev transport operations ----
+    /// Virtio device id (1 = net).
+    GetDeviceId,
+    /// Vendor id.
+    GetVendorId,
+    /// Feature bits the device offers.
+    GetDeviceFeatures,
+    /// Feature bits the driver accepted so far.
+    GetDriverFeatures,
+    /// The driver accepts these features (before FEATURES_OK).
+    SetDriverFeatures(u64),
+    /// Device status byte.
+    GetStatus,
+    /// Writes the status byte (only adding bits, in the virtio order; 0 resets).
+    SetStatus(u8),
+    /// Resets the device (same as `SetStatus(0)`).
+    Reset,
+    /// Size of the device's config space.
+    GetConfigSize,
+    /// Reads config space.
+    ReadConfig {
+        /// Byte offset.
+        offset: u32,
+        /// Byte count.
+        len: u32,
+    },
+    /// Writes config space.
+    WriteConfig {
+        /// Byte offset.
+        offset: u32,
+        /// Bytes to write.
+        data: Vec<u8>,
+    },
+    /// Config generation counter (changes whenever the device changes its config).
+    GetConfigGeneration,
+    /// Number of virtqueues the device has.
+    GetNumQueues,
+    /// Largest size a queue supports.
+    GetQueueMaxSize {
+        /// Queue index.
+        queue: u16,
+    },
+    /// Sets a queue's size (a power of two, at most the maximum).
+    SetQueueSize {
+        /// Queue index.
+        queue: u16,
+        /// Number of descriptors.
+        size: u16,
+    },
+    /// Sets the guest addresses of a queue's three rings.
+    SetQueueAddress {
+        /// Queue index.
+        queue: u16,
+        /// Descriptor table.
+        desc: u64,
+        /// Driver (avail) ring.
+        driver: u64,
+        /// Device (used) ring.
+        device: u64,
+    },
+    /// Marks a queue ready (or not) for the device.
+    SetQueueReady {
+        /// Queue index.
+        queue: u16,
+        /// Ready or not.
+        ready: bool,
+    },
+    /// Whether a queue is ready.
+    GetQueueReady {
+        /// Queue index.
+        queue: u16,
+    },
+    /// Eventfd the driver writes to kick the queue *(+1 fd)*.
+    SetQueueKick {
+        /// Queue index.
+        queue: u16,
+    },
+    /// Eventfd the device writes to interrupt the driver *(+1 fd)*.
+    SetQueueCall {
+        /// Queue index.
+        queue: u16,
+    },
+    /// Eventfd the control plane writes on a config change or NEEDS_RESET *(+1 fd)*.
+    SetConfigNotify,
+    /// Adds a region of driver memory: a memfd sealed against shrinking *(+1 fd)*.
+    AddMemRegion {
+        /// Guest address of the region's first byte.
+        guest_addr: u64,
+        /// Length in bytes.
+        size: u64,
+        /// Offset of the region inside the memfd.
+        offset: u64,
+    },
+    /// Removes the region starting at `guest_addr` (only while the device is not running).
+    RemoveMemRegion {
+        /// Guest address the region was added with.
+        guest_addr: u64,
+    },
+}
+
+/// A reply from the control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Answer to [`Request::Hello`].
+    Hello(Hello),
+    /// Success with no value.
+    Ok,
+    /// Success with a number (ids, features, status, sizes, generation, readiness as 0/1).
+    Value(u64),
+    /// Config space bytes.
+    Config(Vec<u8>),
+    /// Parents and their types.
+    Types(Vec<ParentInfo>),
+    /// Devices.
+    Devices(Vec<DeviceInfo>),
+    /// The UUID of a device just created.
+    Started(Uuid),
+    /// Counters.
+    Stats(DeviceStats),
+    /// The request failed.
+    Error(WireError),
+}
+
+/// One parent (datapath process) and what it offers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParentInfo {
+    /// Parent name (`--name` of the datapath).
+    pub name: String,
+    /// Process id of the datapath, as seen by the control plane.
+    pub pid: u32,
+    /// CPU the datapath pinned itself to, if any.
+    pub cpu: Option<u32>,
+    /// Types offered.
+    pub types: Vec<TypeInfo>,
+}
+
+/// One device type offered by a parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeInfo {
+    /// Type name, e.g. `net-loopback`.
+    pub name: String,
+    /// Total instances the parent can take.
+    pub max_instances: u32,
+    /// Instances still free.
+    pub available: u32,
+}
+
+/// One device as `vmdevctl list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Device UUID.
+    pub uuid: Uuid,
+    /// Parent it runs on.
+    pub parent: String,
+    /// Device type.
+    pub device_type: String,
+    /// Current virtio status byte.
+    pub status: u8,
+    /// Whether a driver holds it.
+    pub claimed: bool,
+    /// Whether the datapath is servicing it right now.
+    pub attached: bool,
+    /// Attributes it was created with.
+    pub attrs: Vec<(String, String)>,
+}
+
+/// Counters of one virtqueue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Frames (chains) completed on this queue.
+    pub packets: u64,
+    /// Payload bytes (frame bytes, without the virtio-net header).
+    pub bytes: u64,
+    /// Frames dropped (TX with no RX buffer; RX buffer too small).
+    pub drops: u64,
+    /// Kicks received from the driver.
+    pub kicks: u64,
+    /// Interrupts (call eventfd writes) sent to the driver.
+    pub calls: u64,
+    /// Poll passes that found work on this queue.
+    pub polls: u64,
+}
+
+impl QueueStats {
+    /// Adds another set of counters to this one.
+    pub fn add(&mut self, o: &QueueStats) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.drops += o.drops;
+        self.kicks += o.kicks;
+        self.calls += o.calls;
+        self.polls += o.polls;
+    }
+}
+
+/// Counters of one device, by queue index.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// One entry per queue, in queue order.
+    pub queues: Vec<QueueStats>,
+}
+
+impl DeviceStats {
+    /// Adds another device's counters queue by queue.
+    pub fn add(&mut self, o: &DeviceStats) {
+        if self.queues.len() < o.queues.len() {
+            self.queues.resize(o.queues.len(), QueueStats::default());
+        }
+        for (a, b) in self.queues.iter_mut().zip(&o.queues) {
+            a.add(b);
+        }
+    }
+}
