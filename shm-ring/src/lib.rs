@@ -1,1 +1,26 @@
-//! placeholder
+//! Shared guest memory and virtqueues for vmdev.
+//!
+//! * [`memory`]: driver memory arrives as memfds sealed against shrinking; each region is
+//!   mapped once and every guest address ([`GuestAddr`]) is translated with its length.
+//! * [`split`]: the split virtqueue layout, its **device side** ([`DeviceQueue`], used by
+//!   the datapath) and **driver side** ([`DriverQueue`], used by driver clients), with
+//!   indirect descriptors and EVENT_IDX.
+//! * [`chain`]: a validated descriptor chain, resolved to host memory once.
+//!
+//! Everything read from guest memory is read as bytes and checked before use; nothing in
+//! this crate panics on guest-controlled data.
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("vmdev-shm-ring assumes a little-endian host (virtio 1.x rings are little-endian)");
+
+pub mod addr;
+pub mod chain;
+pub mod error;
+pub mod memory;
+pub mod split;
+
+pub use addr::GuestAddr;
+pub use chain::Chain;
+pub use error::{MemError, RingError};
+pub use memory::{create_sealed_memfd, GuestMemory};
+pub use split::{DeviceQueue, DriverQueue, SplitLayout};

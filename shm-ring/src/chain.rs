@@ -1,0 +1,174 @@
+//! A descriptor chain the device side has walked and validated: its segments are already
+//! translated to host memory, readable ones first, then writable ones.
+
+use crate::{memory::GuestMemory, RingError};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+#[derive(Clone, Copy)]
+struct Seg {
+    ptr: NonNull<u8>,
+    len: u32,
+}
+
+/// A validated chain, reused from pop to pop to avoid allocation.
+///
+/// The chain keeps the memory it points into alive, so its segments stay valid however
+/// long it is held.
+#[derive(Default)]
+pub struct Chain {
+    mem: Option<Arc<GuestMemory>>,
+    head: u16,
+    segs: Vec<Seg>,
+    readable: usize,
+    readable_len: u32,
+    writable_len: u32,
+}
+
+// SAFETY: the segments point into mappings owned by the Arc<GuestMemory> held in `mem`,
+// which is Send + Sync; the chain itself is plain data.
+unsafe impl Send for Chain {}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("head", &self.head)
+            .field("segments", &self.segs.len())
+            .field("readable_len", &self.readable_len)
+            .field("writable_len", &self.writable_len)
+            .finish()
+    }
+}
+
+impl Chain {
+    /// An empty chain buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn reset(&mut self, mem: &Arc<GuestMemory>, head: u16) {
+        if !self.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem)) {
+            self.mem = Some(Arc::clone(mem));
+        }
+        self.head = head;
+        self.segs.clear();
+        self.readable = 0;
+        self.readable_len = 0;
+        self.writable_len = 0;
+    }
+
+    /// Appends a segment that `mem` translated; readable segments must come first.
+    pub(crate) fn push(&mut self, ptr: NonNull<u8>, len: u32, writable: bool) -> Result<(), RingError> {
+        if writable {
+            self.writable_len = self.writable_len.checked_add(len).ok_or(RingError::ChainLength)?;
+        } else {
+            if self.readable != self.segs.len() {
+                return Err(RingError::ReadableAfterWritable);
+            }
+            self.readable_len = self.readable_len.checked_add(len).ok_or(RingError::ChainLength)?;
+            self.readable += 1;
+        }
+        self.segs.push(Seg { ptr, len });
+        Ok(())
+    }
+
+    /// The head descriptor index: what goes into the used ring.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Total bytes the device may read.
+    pub fn readable_len(&self) -> u32 {
+        self.readable_len
+    }
+
+    /// Total bytes the device may write.
+    pub fn writable_len(&self) -> u32 {
+        self.writable_len
+    }
+
+    /// Number of descriptors (after resolving indirect tables).
+    pub fn num_segments(&self) -> usize {
+        self.segs.len()
+    }
+
+    /// Copies readable bytes starting at `offset` into `buf`; returns the count copied.
+    pub fn read_at(&self, mut offset: usize, buf: &mut [u8]) -> usize {
+        let mut done = 0;
+        for s in &self.segs[..self.readable] {
+            let len = s.len as usize;
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = (len - offset).min(buf.len() - done);
+            // SAFETY: the segment was translated within a live mapping (kept alive by
+            // `self.mem`) and `offset + n <= len`; `buf` is a distinct Rust buffer.
+            unsafe {
+                std::ptr::copy(s.ptr.as_ptr().add(offset), buf.as_mut_ptr().add(done), n)
+            };
+            done += n;
+            offset = 0;
+            if done == buf.len() {
+                break;
+            }
+        }
+        done
+    }
+
+    /// Copies `data` into the writable segments starting at `offset`; returns the count copied.
+    pub fn write_at(&self, mut offset: usize, data: &[u8]) -> usize {
+        let mut done = 0;
+        for s in &self.segs[self.readable..] {
+            let len = s.len as usize;
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = (len - offset).min(data.len() - done);
+            // SAFETY: as in `read_at`, in the other direction.
+            unsafe { std::ptr::copy(data.as_ptr().add(done), s.ptr.as_ptr().add(offset), n) };
+            done += n;
+            offset = 0;
+            if done == data.len() {
+                break;
+            }
+        }
+        done
+    }
+
+    /// Copies all readable bytes of `self` into the writable segments of `dst`, segment to
+    /// segment with no bounce buffer. Returns the bytes copied, or `None` (copying nothing)
+    /// when they do not fit.
+    pub fn copy_to(&self, dst: &Chain) -> Option<u32> {
+        if self.readable_len > dst.writable_len {
+            return None;
+        }
+        let mut dsegs = dst.segs[dst.readable..].iter();
+        let mut d = dsegs.next().copied();
+        let mut d_off = 0usize;
+        for s in &self.segs[..self.readable] {
+            let mut s_off = 0usize;
+            let s_len = s.len as usize;
+            while s_off < s_len {
+                let cur = d?;
+                let room = cur.len as usize - d_off;
+                if room == 0 {
+                    d = dsegs.next().copied();
+                    d_off = 0;
+                    continue;
+                }
+                let n = room.min(s_len - s_off);
+                // SAFETY: both ranges were translated within live mappings kept alive by
+                // the chains' `mem`; `ptr::copy` tolerates overlap a hostile driver may
+                // arrange between a TX buffer and an RX buffer.
+                unsafe {
+                    std::ptr::copy(s.ptr.as_ptr().add(s_off), cur.ptr.as_ptr().add(d_off), n)
+                };
+                s_off += n;
+                d_off += n;
+            }
+        }
+        Some(self.readable_len)
+    }
+}
