@@ -1,1 +1,14 @@
-//! placeholder
+//! vmdev control plane.
+//!
+//! * [`profile`]: what each device type offers (ids, features, config space, queues).
+//! * [`model`]: one device as a sans-IO state machine (request in → reply or action out).
+//! * [`registry`]: parents (datapath processes), devices and who holds them.
+//! * [`parent`]: the link to one datapath process (numbered requests, replies, events).
+//! * [`server`]: the daemon: sockets, connections, and carrying out the model's actions.
+
+pub mod model;
+pub mod parent;
+pub mod profile;
+pub mod registry;
+pub mod server;
+pub mod sys;

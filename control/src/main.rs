@@ -1,1 +1,29 @@
-fn main() {}
+//! `vmdev-control`: the vmdev control-plane daemon.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+use vmdev_control::server::Server;
+
+/// The vmdev control plane: device models behind control.sock, parents on datapath.sock.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Directory for control.sock and datapath.sock (created mode 0700 if missing).
+    #[arg(long)]
+    run_dir: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMDEV_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let server = Server::new(args.run_dir.clone());
+    let on_signal = std::sync::Arc::clone(&server);
+    vmdev_control::sys::on_termination(move || on_signal.cleanup()).context("installing signal handling")?;
+    server.run().with_context(|| format!("serving {}", args.run_dir.display()))
+}

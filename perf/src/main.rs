@@ -1,1 +1,38 @@
-fn main() {}
+//! `vmdev-perf`: vmdev latency and throughput tools, judged against same-run floors.
+
+mod floors;
+mod pin;
+
+use clap::{Parser, Subcommand};
+
+/// vmdev latency and throughput tools with same-run floors.
+#[derive(Parser)]
+#[command(name = "vmdev-perf", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure the floors: shared-memory, eventfd and Unix-socket round trips between two
+    /// processes.
+    Floors(floors::FloorsArgs),
+    /// Internal: the child side of a floor ping-pong.
+    #[command(name = floors::PEER_SUBCOMMAND, hide = true)]
+    FloorPeer(floors::PeerArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Floors(args) => floors::run_cli(&args),
+        Cmd::FloorPeer(args) => floors::run_peer(&args),
+    }
+}

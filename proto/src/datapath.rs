@@ -124,11 +124,14 @@ pub enum DpReply {
 /// Unsolicited news from the datapath.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DpEvent {
-    /// The driver broke a ring; the datapath stopped servicing the device, which needs a reset.
+    /// The driver broke a ring; the datapath dropped the device (as if detached), which
+    /// now needs a reset.
     DeviceFailed {
         /// Handle given at attach.
         handle: u64,
         /// What was wrong.
         reason: String,
+        /// Final counters.
+        stats: DeviceStats,
     },
 }

@@ -1,0 +1,453 @@
+//! The control-plane daemon: listens on `control.sock` (drivers, vmdevctl) and
+//! `datapath.sock` (parents), one thread per connection, and carries out what the device
+//! model asks for.
+
+use crate::model::{DeviceModel, Step};
+use crate::parent::ParentLink;
+use crate::profile;
+use crate::registry::{lock, Device, Registry, Slot};
+use crate::sys;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+use vmdev_proto::datapath::{DpEvent, DpOp, DpReply, FromDatapath, ToDatapath};
+use vmdev_proto::transport::{DeviceStats, Reply, Request};
+use vmdev_proto::virtio::status as st;
+use vmdev_proto::{Channel, ErrorCode, Hello, ProtoError, WireError};
+
+/// The daemon's shared state.
+pub struct Server {
+    run_dir: PathBuf,
+    registry: Mutex<Registry>,
+    next_conn: AtomicU64,
+}
+
+fn werr(code: ErrorCode, msg: impl Into<String>) -> Reply {
+    Reply::Error(WireError::new(code, msg))
+}
+
+/// Creates `dir` (mode 0700 when new) and binds `dir/name` with mode 0600, replacing a
+/// stale socket file.
+pub fn bind_socket(dir: &Path, name: &str) -> std::io::Result<UnixListener> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let path = dir.join(name);
+    if path.exists() {
+        if UnixStream::connect(&path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running daemon", path.display()),
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let l = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Number of fds a request must carry.
+fn expected_fds(req: &Request) -> usize {
+    match req {
+        Request::SetQueueKick { .. }
+        | Request::SetQueueCall { .. }
+        | Request::SetConfigNotify
+        | Request::AddMemRegion { .. } => 1,
+        _ => 0,
+    }
+}
+
+impl Server {
+    /// A daemon serving `run_dir`.
+    pub fn new(run_dir: PathBuf) -> Arc<Self> {
+        Arc::new(Server {
+            run_dir,
+            registry: Mutex::new(Registry::default()),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    /// Binds both sockets and serves until the process ends.
+    pub fn run(self: &Arc<Self>) -> std::io::Result<()> {
+        let clients = bind_socket(&self.run_dir, "control.sock")?;
+        let parents = bind_socket(&self.run_dir, "datapath.sock")?;
+        tracing::info!(run_dir = %self.run_dir.display(), "vmdev-control listening");
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("parents".into())
+            .spawn(move || accept_loop(parents, me, Server::serve_parent))?;
+        accept_loop(clients, Arc::clone(self), Server::serve_client);
+        Ok(())
+    }
+
+    /// Removes the socket files (on shutdown).
+    pub fn cleanup(&self) {
+        let _ = std::fs::remove_file(self.run_dir.join("control.sock"));
+        let _ = std::fs::remove_file(self.run_dir.join("datapath.sock"));
+    }
+
+    // ---------------------------------------------------------------- drivers, vmdevctl
+
+    fn serve_client(self: Arc<Self>, stream: UnixStream) {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let peer = sys::peer_cred(&stream).map(|c| c.pid).unwrap_or(0);
+        let mut ch = Channel::new(stream);
+        let mut opened: Option<Arc<Mutex<Device>>> = None;
+        if let Err(e) = self.client_session(conn, &mut ch, &mut opened) {
+            match e {
+                ProtoError::Closed => tracing::debug!(conn, peer, "client closed"),
+                e => tracing::warn!(conn, peer, "closing client connection: {e}"),
+            }
+        }
+        if let Some(dev) = opened {
+            let mut d = lock(&dev);
+            if d.claimed_by == Some(conn) {
+                tracing::info!(uuid = %d.uuid, conn, "driver went away; releasing device");
+                Self::detach(&mut d);
+                d.model.release();
+                d.claimed_by = None;
+            }
+        }
+    }
+
+    fn client_session(
+        &self,
+        conn: u64,
+        ch: &mut Channel,
+        opened: &mut Option<Arc<Mutex<Device>>>,
+    ) -> Result<(), ProtoError> {
+        let (first, fds) = ch.recv::<Request>()?;
+        let hello = match first {
+            Request::Hello(h) if fds.is_empty() => Hello::negotiate(h),
+            _ => Err(WireError::new(ErrorCode::BadState, "the first message must be Hello")),
+        };
+        match hello {
+            Ok(h) => ch.send(&Reply::Hello(h), &[])?,
+            Err(e) => {
+                let msg = e.message.clone();
+                ch.send(&Reply::Error(e), &[])?;
+                return Err(ProtoError::Handshake(msg));
+            }
+        }
+        loop {
+            let (req, fds) = ch.recv::<Request>()?;
+            let want = expected_fds(&req);
+            let reply = if fds.len() != want {
+                werr(
+                    if fds.len() < want { ErrorCode::MissingFd } else { ErrorCode::BadArgument },
+                    format!("this request carries {want} fd(s), {} arrived", fds.len()),
+                )
+            } else {
+                self.client_request(conn, req, fds, opened)
+            };
+            ch.send(&reply, &[])?;
+        }
+    }
+
+    fn client_request(
+        &self,
+        conn: u64,
+        req: Request,
+        fds: Vec<OwnedFd>,
+        opened: &mut Option<Arc<Mutex<Device>>>,
+    ) -> Reply {
+        match req {
+            Request::Hello(_) => werr(ErrorCode::BadState, "Hello was already exchanged"),
+            Request::ListTypes => Reply::Types(lock(&self.registry).parent_infos()),
+            Request::ListDevices => Reply::Devices(lock(&self.registry).device_infos()),
+            Request::StartDevice { parent, device_type, uuid, attrs } => {
+                self.start_device(&parent, &device_type, uuid, attrs)
+            }
+            Request::StopDevice { uuid } => self.stop_device(uuid),
+            Request::GetStats { uuid } => self.stats(uuid),
+            Request::Open { uuid } => self.open(conn, uuid, opened),
+            req => {
+                let Some(dev) = opened.as_ref() else {
+                    return werr(ErrorCode::BadState, "open a device first (Open { uuid })");
+                };
+                if matches!(req, Request::SetQueueKick { .. } | Request::SetQueueCall { .. } | Request::SetConfigNotify)
+                    && !fds.iter().all(|f| sys::is_eventfd(f.as_fd()))
+                {
+                    return werr(ErrorCode::BadArgument, "kick, call and config fds must be eventfds");
+                }
+                let mut d = lock(dev);
+                if d.removed {
+                    return werr(ErrorCode::NoSuchDevice, format!("device {} was stopped", d.uuid));
+                }
+                Self::drive(&mut d, req, fds)
+            }
+        }
+    }
+
+    /// Runs one driver request through the device model and carries out its step.
+    fn drive(d: &mut Device, req: Request, fds: Vec<OwnedFd>) -> Reply {
+        match d.model.handle(req, fds) {
+            Step::Reply(r) => r,
+            Step::Attach(mut spec) => {
+                spec.handle = d.handle;
+                let res = {
+                    let fds = d.model.attach_fds();
+                    d.link.call(DpOp::Attach(spec), &fds)
+                };
+                let res = match res {
+                    Ok(DpReply::Attached) => Ok(()),
+                    Ok(other) => Err(WireError::new(ErrorCode::Internal, format!("datapath answered {other:?}"))),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &res {
+                    tracing::warn!(uuid = %d.uuid, "attach failed: {e}");
+                } else {
+                    tracing::info!(uuid = %d.uuid, parent = %d.link.name, "device attached (DRIVER_OK)");
+                }
+                d.model.attach_done(res)
+            }
+            Step::Detach(r) => {
+                Self::detach(d);
+                r
+            }
+        }
+    }
+
+    /// Detaches a device from its datapath (if attached), keeping its final counters.
+    fn detach(d: &mut Device) {
+        if !d.model.is_attached() {
+            return;
+        }
+        match d.link.call(DpOp::Detach { handle: d.handle }, &[]) {
+            Ok(DpReply::Detached(stats)) => d.base_stats.add(&stats),
+            Ok(other) => tracing::warn!(uuid = %d.uuid, "detach answered {other:?}"),
+            Err(e) => tracing::warn!(uuid = %d.uuid, "detach failed: {e}"),
+        }
+        d.model.detached();
+    }
+
+    fn open(&self, conn: u64, uuid: Uuid, opened: &mut Option<Arc<Mutex<Device>>>) -> Reply {
+        if opened.is_some() {
+            return werr(ErrorCode::BadState, "this connection already holds a device");
+        }
+        let Some(slot) = lock(&self.registry).devices.get(&uuid).cloned() else {
+            return werr(ErrorCode::NoSuchDevice, format!("no device {uuid}"));
+        };
+        let mut d = lock(&slot.dev);
+        if d.claimed_by.is_some() {
+            return werr(ErrorCode::Busy, format!("device {uuid} is held by another driver"));
+        }
+        d.claimed_by = Some(conn);
+        drop(d);
+        *opened = Some(slot.dev);
+        tracing::info!(%uuid, conn, "driver opened device");
+        Reply::Ok
+    }
+
+    fn start_device(&self, parent: &str, device_type: &str, uuid: Option<Uuid>, attrs: Vec<(String, String)>) -> Reply {
+        let uuid = uuid.unwrap_or_else(Uuid::new_v4);
+        let mut reg = lock(&self.registry);
+        let Some(link) = reg.parents.get(parent).cloned() else {
+            return werr(ErrorCode::NoSuchParent, format!("no parent named '{parent}'"));
+        };
+        let Some(&(_, max)) = link.types.iter().find(|(t, _)| t == device_type) else {
+            return werr(ErrorCode::NoSuchType, format!("parent '{parent}' does not offer type '{device_type}'"));
+        };
+        if reg.devices.contains_key(&uuid) {
+            return werr(ErrorCode::Busy, format!("device {uuid} already exists"));
+        }
+        if reg.used(parent, device_type) >= max {
+            return werr(ErrorCode::NoCapacity, format!("parent '{parent}' has no free '{device_type}' instance (max {max})"));
+        }
+        let profile = match profile::build(device_type, &attrs, uuid.as_u128()) {
+            Ok(p) => p,
+            Err(e) => return Reply::Error(e),
+        };
+        let handle = reg.new_handle();
+        let dev = Device {
+            uuid,
+            attrs,
+            model: DeviceModel::new(profile),
+            handle,
+            link,
+            claimed_by: None,
+            base_stats: DeviceStats::default(),
+            removed: false,
+        };
+        reg.handles.insert(handle, uuid);
+        reg.devices.insert(
+            uuid,
+            Slot { parent: parent.into(), device_type: device_type.into(), dev: Arc::new(Mutex::new(dev)) },
+        );
+        tracing::info!(%uuid, parent, device_type, "device started");
+        Reply::Started(uuid)
+    }
+
+    fn stop_device(&self, uuid: Uuid) -> Reply {
+        let Some(slot) = lock(&self.registry).remove(&uuid) else {
+            return werr(ErrorCode::NoSuchDevice, format!("no device {uuid}"));
+        };
+        let mut d = lock(&slot.dev);
+        Self::detach(&mut d);
+        d.removed = true;
+        if d.claimed_by.is_some() {
+            if let Some(fd) = d.model.device_failed() {
+                sys::signal_eventfd(fd);
+            }
+        }
+        tracing::info!(%uuid, "device stopped");
+        Reply::Ok
+    }
+
+    fn stats(&self, uuid: Uuid) -> Reply {
+        let Some(slot) = lock(&self.registry).devices.get(&uuid).cloned() else {
+            return werr(ErrorCode::NoSuchDevice, format!("no device {uuid}"));
+        };
+        let d = lock(&slot.dev);
+        let mut total = d.base_stats.clone();
+        if d.model.is_attached() {
+            match d.link.call(DpOp::Stats { handle: d.handle }, &[]) {
+                Ok(DpReply::Stats(s)) => total.add(&s),
+                Ok(other) => return werr(ErrorCode::Internal, format!("datapath answered {other:?}")),
+                Err(e) => return Reply::Error(e),
+            }
+        }
+        let n = d.model.profile().num_queues as usize;
+        if total.queues.len() < n {
+            total.queues.resize(n, Default::default());
+        }
+        Reply::Stats(total)
+    }
+
+    // ---------------------------------------------------------------- parents
+
+    fn serve_parent(self: Arc<Self>, stream: UnixStream) {
+        let pid = sys::peer_cred(&stream).map(|c| c.pid).unwrap_or(0);
+        let writer = match stream.try_clone() {
+            Ok(s) => Channel::new(s),
+            Err(e) => return tracing::warn!("datapath connection: {e}"),
+        };
+        let mut ch = Channel::new(stream);
+        let link = match self.register(&mut ch, writer, pid) {
+            Ok(l) => l,
+            Err(e) => return tracing::warn!(pid, "datapath registration failed: {e}"),
+        };
+        tracing::info!(parent = %link.name, pid, cpu = ?link.cpu, "datapath registered");
+        let err = loop {
+            match ch.recv::<FromDatapath>() {
+                Ok((FromDatapath::Reply { seq, result }, _)) => link.complete(seq, result),
+                Ok((FromDatapath::Event(ev), _)) => {
+                    let me = Arc::clone(&self);
+                    std::thread::spawn(move || me.datapath_event(ev));
+                }
+                Ok((other, _)) => break ProtoError::UnexpectedReply(format!("{other:?}")),
+                Err(e) => break e,
+            }
+        };
+        tracing::warn!(parent = %link.name, "datapath connection ended: {err}");
+        link.close();
+        self.parent_gone(&link);
+    }
+
+    fn register(&self, ch: &mut Channel, writer: Channel, pid: u32) -> Result<Arc<ParentLink>, ProtoError> {
+        let (first, _) = ch.recv::<FromDatapath>()?;
+        let FromDatapath::Hello(h) = first else {
+            return Err(ProtoError::Handshake("the first message must be Hello".into()));
+        };
+        match Hello::negotiate(h) {
+            Ok(h) => ch.send(&ToDatapath::Hello(h), &[])?,
+            Err(e) => {
+                ch.send(&ToDatapath::Registered(Err(e.clone())), &[])?;
+                return Err(ProtoError::Handshake(e.message));
+            }
+        }
+        let (msg, _) = ch.recv::<FromDatapath>()?;
+        let FromDatapath::Register { name, cpu, types } = msg else {
+            return Err(ProtoError::Handshake("expected Register".into()));
+        };
+        let mut reg = lock(&self.registry);
+        let refuse = if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            Some(WireError::new(ErrorCode::BadArgument, format!("parent name '{name}' must be 1-64 of [A-Za-z0-9-_.]")))
+        } else if reg.parents.contains_key(&name) {
+            Some(WireError::new(ErrorCode::Busy, format!("a parent named '{name}' is already registered")))
+        } else if let Some((t, _)) = types.iter().find(|(t, _)| profile::build(t, &[], 0).is_err()) {
+            Some(WireError::new(ErrorCode::NoSuchType, format!("the control plane does not know type '{t}'")))
+        } else {
+            None
+        };
+        if let Some(e) = refuse {
+            ch.send(&ToDatapath::Registered(Err(e.clone())), &[])?;
+            return Err(ProtoError::Handshake(e.message));
+        }
+        let link = Arc::new(ParentLink::new(name.clone(), pid, cpu, types, writer));
+        reg.parents.insert(name, Arc::clone(&link));
+        ch.send(&ToDatapath::Registered(Ok(())), &[])?;
+        Ok(link)
+    }
+
+    fn datapath_event(&self, ev: DpEvent) {
+        match ev {
+            DpEvent::DeviceFailed { handle, reason, stats } => {
+                let slot = {
+                    let reg = lock(&self.registry);
+                    reg.handles.get(&handle).and_then(|u| reg.devices.get(u)).cloned()
+                };
+                let Some(slot) = slot else { return };
+                let mut d = lock(&slot.dev);
+                if d.handle != handle || !d.model.is_attached() {
+                    return;
+                }
+                tracing::warn!(uuid = %d.uuid, "device needs a reset: {reason}");
+                d.base_stats.add(&stats);
+                if let Some(fd) = d.model.device_failed() {
+                    sys::signal_eventfd(fd);
+                }
+            }
+        }
+    }
+
+    /// A datapath went away: its devices are gone too; their drivers see NEEDS_RESET.
+    fn parent_gone(&self, link: &Arc<ParentLink>) {
+        let slots: Vec<Slot> = {
+            let mut reg = lock(&self.registry);
+            if reg.parents.get(&link.name).is_some_and(|l| Arc::ptr_eq(l, link)) {
+                reg.parents.remove(&link.name);
+            }
+            let uuids: Vec<Uuid> = reg
+                .devices
+                .iter()
+                .filter(|(_, s)| Arc::ptr_eq(&lock(&s.dev).link, link))
+                .map(|(u, _)| *u)
+                .collect();
+            uuids.iter().filter_map(|u| reg.remove(u)).collect()
+        };
+        for slot in slots {
+            let mut d = lock(&slot.dev);
+            d.removed = true;
+            if d.model.status() & st::DRIVER_OK != 0 {
+                if let Some(fd) = d.model.device_failed() {
+                    sys::signal_eventfd(fd);
+                }
+            }
+            tracing::warn!(uuid = %d.uuid, parent = %link.name, "device lost with its datapath");
+        }
+    }
+}
+
+fn accept_loop(l: UnixListener, server: Arc<Server>, serve: fn(Arc<Server>, UnixStream)) {
+    for conn in l.incoming() {
+        match conn {
+            Ok(s) => {
+                let me = Arc::clone(&server);
+                if let Err(e) = std::thread::Builder::new().spawn(move || serve(me, s)) {
+                    tracing::error!("cannot start a connection thread: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Driver and device round trips over one memfd mapped twice (as two processes would).
+
+mod common;
+
+use common::harness::{Harness, MAX_SEGS};
+use common::*;
+use vmdev_shm_ring::split::{Segment, SplitLayout, MAX_QUEUE_SIZE};
+use vmdev_shm_ring::{Chain, DeviceQueue, DriverQueue, GuestAddr};
+
+/// The fixed example: one readable and two writable segments, then an indirect chain.
+#[test]
+fn one_chain_each_way() {
+    let rig = Rig::new(8);
+    let mut drv = rig.driver(ALL_FEATURES);
+    let mut dev = rig.device(ALL_FEATURES);
+    let d = rig.data;
+    rig.drv_mem.write(GuestAddr(d), b"hello, device").unwrap();
+    let segs = [
+        Segment { addr: GuestAddr(d), len: 13, writable: false },
+        Segment { addr: GuestAddr(d + 0x100), len: 4, writable: true },
+        Segment { addr: GuestAddr(d + 0x200), len: 6, writable: true },
+    ];
+    let head = drv.add(&segs).unwrap();
+    assert_eq!(drv.free_descriptors(), 5);
+    assert_eq!(drv.in_flight(), 1);
+
+    // Not published yet: the device sees nothing.
+    let mut chain = Chain::new();
+    assert!(!dev.pop(&mut chain).unwrap());
+    drv.publish();
+    assert!(dev.pop(&mut chain).unwrap());
+    assert_eq!(chain.head(), head);
+    assert_eq!(chain.readable_len(), 13);
+    assert_eq!(chain.writable_len(), 10);
+    assert_eq!(chain.num_segments(), 3);
+    let mut buf = [0u8; 13];
+    assert_eq!(chain.read_at(0, &mut buf), 13);
+    assert_eq!(&buf, b"hello, device");
+    assert_eq!(chain.write_at(0, b"hi driver!"), 10);
+    assert_eq!(chain.write_at(9, b"xyz"), 1, "writes stop at the end of the chain");
+    dev.add_used(chain.head(), 10);
+    assert_eq!(drv.pop_used().unwrap(), None, "not visible before publish_used");
+    dev.publish_used();
+    assert_eq!(drv.pop_used().unwrap(), Some((head, 10)));
+    assert_eq!(rig.read_vec(d + 0x100, 4), b"hi d");
+    assert_eq!(rig.read_vec(d + 0x200, 6), b"river!");
+    assert_eq!(drv.free_descriptors(), 8);
+    assert_eq!(drv.in_flight(), 0);
+
+    // The same through an indirect table: one ring descriptor.
+    let table = GuestAddr(d + 0x1000);
+    let head = drv.add_indirect(table, &segs).unwrap().unwrap();
+    assert_eq!(drv.free_descriptors(), 7);
+    drv.publish();
+    assert!(dev.pop(&mut chain).unwrap());
+    assert_eq!(chain.head(), head);
+    assert_eq!((chain.readable_len(), chain.writable_len(), chain.num_segments()), (13, 10, 3));
+    assert_eq!(chain.read_at(7, &mut buf), 6);
+    assert_eq!(&buf[..6], b"device");
+    dev.add_used(head, 0);
+    dev.publish_used();
+    assert_eq!(drv.pop_used().unwrap(), Some((head, 0)));
+    assert_eq!(drv.free_descriptors(), 8);
+    assert_eq!(drv.pop_used().unwrap(), None);
+}
+
+/// Random chains, direct and indirect, for several queue sizes and feature sets.
+#[test]
+fn random_round_trips() {
+    for (i, &size) in [1u16, 2, 4, 8, 16, 64, 256].iter().enumerate() {
+        for (j, &(event_idx, indirect)) in
+            [(false, false), (false, true), (true, false), (true, true)].iter().enumerate()
+        {
+            let mut h = Harness::new(size, features(event_idx, indirect), (i * 4 + j) as u64);
+            for _ in 0..400 {
+                let ind = indirect && h.rng.chance(1, 2);
+                let spec = h.random_spec(MAX_SEGS.min(size as usize + 1), ind);
+                h.add(&spec);
+                if h.rng.chance(1, 2) {
+                    h.publish();
+                }
+                let n = h.rng.below(4) as usize;
+                h.device_pop(n);
+                let n = h.rng.below(4) as usize;
+                let publish = h.rng.chance(2, 3);
+                h.device_complete(n, publish);
+                let n = h.rng.below(4) as usize;
+                h.driver_reap(n);
+                h.check_accounting();
+            }
+            h.drain();
+            assert!(h.stats.popped > 100, "{:?}", h.stats);
+            assert_eq!(h.stats.popped, h.stats.reaped);
+            if indirect {
+                assert!(h.stats.added_indirect > 0);
+            }
+        }
+    }
+}
+
+/// Filling every descriptor: further adds are refused until the device returns some.
+#[test]
+fn full_ring_refuses_then_recovers() {
+    for size in [1u16, 4, 32] {
+        let rig = Rig::new(size);
+        let mut drv = rig.driver(ALL_FEATURES);
+        let mut dev = rig.device(ALL_FEATURES);
+        let seg = |i: u64| Segment { addr: GuestAddr(rig.data + i * 64), len: 64, writable: true };
+        let mut heads = Vec::new();
+        for i in 0..size as u64 {
+            heads.push(drv.add(&[seg(i)]).unwrap());
+        }
+        assert_eq!(drv.free_descriptors(), 0);
+        assert_eq!(drv.add(&[seg(0)]), None);
+        assert_eq!(drv.add(&[]), None, "an empty chain is refused");
+        let table = GuestAddr(rig.data + 0x8000);
+        assert_eq!(drv.add_indirect(table, &[seg(0)]).unwrap(), None);
+        assert_eq!(drv.add_indirect(table, &[]).unwrap(), None);
+        drv.publish();
+        let mut sorted = heads.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted, (0..size).collect::<Vec<_>>(), "every descriptor used once");
+
+        let mut c = Chain::new();
+        for &h in &heads {
+            assert!(dev.pop(&mut c).unwrap());
+            assert_eq!(c.head(), h);
+        }
+        assert!(!dev.pop(&mut c).unwrap());
+        // Complete in reverse order: the driver sees the device's order.
+        for &h in heads.iter().rev() {
+            dev.add_used(h, 1);
+        }
+        dev.publish_used();
+        for &h in heads.iter().rev() {
+            assert_eq!(drv.pop_used().unwrap(), Some((h, 1)));
+        }
+        assert_eq!(drv.free_descriptors(), size as usize);
+        // A chain as long as the whole queue.
+        let all: Vec<_> = (0..size as u64).map(seg).collect();
+        let h = drv.add(&all).unwrap();
+        drv.publish();
+        assert!(dev.pop(&mut c).unwrap());
+        assert_eq!(c.head(), h);
+        assert_eq!(c.num_segments(), size as usize);
+        assert_eq!(c.writable_len(), 64 * size as u32);
+        dev.add_used(h, 0);
+        dev.publish_used();
+        assert_eq!(drv.pop_used().unwrap(), Some((h, 0)));
+        assert_eq!(drv.free_descriptors(), size as usize);
+    }
+}
+
+/// `unpop` hands the same chain out again; `available` counts published chains.
+#[test]
+fn unpop_and_available() {
+    let rig = Rig::new(4);
+    let mut drv = rig.driver(NO_FEATURES);
+    let mut dev = rig.device(NO_FEATURES);
+    let seg = Segment { addr: GuestAddr(rig.data), len: 8, writable: false };
+    assert_eq!(dev.available().unwrap(), 0);
+    let a = drv.add(&[seg]).unwrap();
+    let b = drv.add(&[seg]).unwrap();
+    assert_eq!(dev.available().unwrap(), 0);
+    drv.publish();
+    assert_eq!(dev.available().unwrap(), 2);
+    let mut c = Chain::new();
+    assert!(dev.pop(&mut c).unwrap());
+    assert_eq!(c.head(), a);
+    dev.unpop();
+    assert_eq!(dev.next_avail(), 0);
+    assert!(dev.pop(&mut c).unwrap());
+    assert_eq!(c.head(), a);
+    assert!(dev.pop(&mut c).unwrap());
+    assert_eq!(c.head(), b);
+    assert_eq!(dev.available().unwrap(), 0);
+    assert!(!dev.pop(&mut c).unwrap());
+}
+
+/// The two sides need not share a mapping, or even the mapping's layout: the device maps
+/// the same memfd with the rings' region at a different host address.
+#[test]
+fn separate_mappings_see_each_other() {
+    let rig = Rig::new(16);
+    let drv_p = rig.drv_mem.translate(rig.desc, 16).unwrap();
+    let dev_p = rig.dev_mem.translate(rig.desc, 16).unwrap();
+    assert_ne!(drv_p, dev_p, "two distinct mappings");
+    let mut h = Harness::new(16, ALL_FEATURES, 7);
+    for _ in 0..50 {
+        let spec = h.random_spec(4, false);
+        h.add(&spec);
+        h.publish();
+        h.device_pop(1);
+        h.device_complete(1, true);
+        h.driver_reap(1);
+    }
+    h.drain();
+}
+
+/// The largest queue: rings of 32768 descriptors still round-trip.
+#[test]
+fn max_queue_size() {
+    let size = MAX_QUEUE_SIZE;
+    let (_, _, _, total) = SplitLayout::new(size).packed_offsets();
+    assert!(total < MEM_SIZE);
+    let mut h = Harness::new(size, ALL_FEATURES, 99);
+    for _ in 0..200 {
+        let ind = h.rng.chance(1, 2);
+        let spec = h.random_spec(MAX_SEGS, ind);
+        h.add(&spec);
+        h.publish();
+        h.device_pop(2);
+        h.device_complete(2, true);
+        h.driver_reap(2);
+    }
+    h.drain();
+    assert!(h.stats.reaped >= 190);
+}
+
+/// Both sides can be built over the same rings more than once (a device re-attached):
+/// a new DeviceQueue starts from index 0 and sees what a fresh driver publishes.
+#[test]
+fn fresh_queues_over_reused_memory() {
+    let rig = Rig::new(8);
+    for round in 0..3u8 {
+        let mut drv = DriverQueue::new(
+            rig.drv_mem.clone(),
+            8,
+            rig.desc,
+            rig.avail,
+            rig.used,
+            NO_FEATURES,
+        )
+        .unwrap();
+        let mut dev =
+            DeviceQueue::new(rig.dev_mem.clone(), 8, rig.desc, rig.avail, rig.used, NO_FEATURES)
+                .unwrap();
+        rig.drv_mem.write(GuestAddr(rig.data), &[round; 16]).unwrap();
+        let h = drv
+            .add(&[Segment { addr: GuestAddr(rig.data), len: 16, writable: false }])
+            .unwrap();
+        drv.publish();
+        let mut c = Chain::new();
+        assert!(dev.pop(&mut c).unwrap());
+        let mut b = [0u8; 16];
+        assert_eq!(c.read_at(0, &mut b), 16);
+        assert_eq!(b, [round; 16]);
+        dev.add_used(h, 0);
+        dev.publish_used();
+        assert_eq!(drv.pop_used().unwrap(), Some((h, 0)));
+    }
+}
