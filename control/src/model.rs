@@ -368,7 +368,7 @@ impl DeviceModel {
                 Err(e) => Step::Reply(Reply::Error(e)),
             };
         }
-        self.status = s;
+        self.status = s | (cur & st::NEEDS_RESET);
         ok()
     }
 

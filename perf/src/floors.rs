@@ -468,7 +468,7 @@ pub fn shm_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<FloorRes
         while slots.pong.load(Ordering::Acquire) != seq {
             spin_loop();
             spins += 1;
-            if spins % SPIN_CHECK_EVERY == 0 {
+            if spins.is_multiple_of(SPIN_CHECK_EVERY) {
                 shm_slow_check(&mut child, t0)?;
             }
         }
@@ -507,7 +507,7 @@ fn peer_shm(os_id: &str, rounds: u64) -> Result<()> {
         while slots.ping.load(Ordering::Acquire) != seq {
             spin_loop();
             spins += 1;
-            if spins % SPIN_CHECK_EVERY == 0 {
+            if spins.is_multiple_of(SPIN_CHECK_EVERY) {
                 ensure!(
                     std::os::unix::process::parent_id() == parent,
                     "floor parent went away"
