@@ -237,7 +237,7 @@ pub fn to_json(
 pub fn fmt_ns(ns: u64) -> String {
     if ns < 10_000 {
         format!("{ns} ns")
-    } else if ns < 10_000_000 {
+    } else if ns < 1_000_000 {
         format!("{:.1} µs", ns as f64 / 1e3)
     } else {
         format!("{:.2} ms", ns as f64 / 1e6)
@@ -402,7 +402,10 @@ impl<'a> ShmSlots<'a> {
     fn new(shmem: &'a Shmem) -> Result<Self> {
         let base = shmem.as_ptr();
         ensure!(shmem.len() >= SHM_SIZE, "shared memory too small");
-        ensure!(base as usize % 128 == 0, "shared memory not line-aligned");
+        ensure!(
+            (base as usize).is_multiple_of(128),
+            "shared memory not line-aligned"
+        );
         // SAFETY: `base` is the start of a mapping of at least SHM_SIZE bytes that lives as
         // long as `shmem` (hence 'a) and is 128-byte aligned (checked), so each offset is an
         // in-bounds, 8-byte-aligned u64. AtomicU64 has the layout of u64, the fresh mapping is

@@ -36,8 +36,9 @@ fn one_chain_each_way() {
     let mut buf = [0u8; 13];
     assert_eq!(chain.read_at(0, &mut buf), 13);
     assert_eq!(&buf, b"hello, device");
-    assert_eq!(chain.write_at(0, b"hi driver!"), 10);
     assert_eq!(chain.write_at(9, b"xyz"), 1, "writes stop at the end of the chain");
+    assert_eq!(chain.write_at(10, b"xyz"), 0);
+    assert_eq!(chain.write_at(0, b"hi driver!"), 10);
     dev.add_used(chain.head(), 10);
     assert_eq!(drv.pop_used().unwrap(), None, "not visible before publish_used");
     dev.publish_used();
