@@ -1,1 +1,143 @@
-fn main() {}
+//! `vmdevctl`: manage vmdev devices, with the verbs of mdevctl.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use uuid::Uuid;
+use vmdev_tools::TransportClient;
+
+/// Manage vmdev devices (mdevctl verbs over the vmdev control socket).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The control plane's run directory.
+    #[arg(long, env = "VMDEV_RUN_DIR", default_value = "/run/vmdev")]
+    run_dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List parents (datapaths) and the device types they offer.
+    Types,
+    /// List devices.
+    List,
+    /// Create and start a device on a parent.
+    Start {
+        /// Parent name.
+        #[arg(short, long)]
+        parent: String,
+        /// Device type.
+        #[arg(short = 't', long = "type")]
+        device_type: String,
+        /// Device UUID (random if omitted).
+        #[arg(short, long)]
+        uuid: Option<Uuid>,
+        /// Attributes, e.g. `mac=52:54:00:00:00:01,queue-size=256` (repeatable).
+        #[arg(long)]
+        attr: Vec<String>,
+    },
+    /// Stop (remove) a device.
+    Stop {
+        /// Device UUID.
+        #[arg(short, long)]
+        uuid: Uuid,
+    },
+    /// Show a device's per-queue counters.
+    Stats {
+        /// Device UUID.
+        #[arg(short, long)]
+        uuid: Uuid,
+    },
+}
+
+fn parse_attrs(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for item in list.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            bail!("attribute '{item}' is not key=value");
+        };
+        out.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok(out)
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut c = TransportClient::connect(&cli.run_dir).context("vmdevctl")?;
+    match cli.cmd {
+        Cmd::Types => {
+            let parents = c.list_types()?;
+            if cli.json {
+                return print_json(&parents);
+            }
+            for p in parents {
+                let cpu = p.cpu.map(|c| format!("cpu {c}")).unwrap_or_else(|| "unpinned".into());
+                println!("{}  (pid {}, {cpu})", p.name, p.pid);
+                for t in p.types {
+                    println!("  {:<16} available: {}/{}", t.name, t.available, t.max_instances);
+                }
+            }
+        }
+        Cmd::List => {
+            let devices = c.list_devices()?;
+            if cli.json {
+                return print_json(&devices);
+            }
+            for d in devices {
+                let attrs: Vec<String> = d.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{} {} {} status={:#04x}{}{} {}",
+                    d.uuid,
+                    d.parent,
+                    d.device_type,
+                    d.status,
+                    if d.claimed { " claimed" } else { "" },
+                    if d.attached { " attached" } else { "" },
+                    attrs.join(",")
+                );
+            }
+        }
+        Cmd::Start { parent, device_type, uuid, attr } => {
+            let uuid = c.start_device(&parent, &device_type, uuid, parse_attrs(&attr)?)?;
+            if cli.json {
+                return print_json(&serde_json::json!({ "uuid": uuid }));
+            }
+            println!("{uuid}");
+        }
+        Cmd::Stop { uuid } => {
+            c.stop_device(uuid)?;
+            if cli.json {
+                return print_json(&serde_json::json!({ "stopped": uuid }));
+            }
+        }
+        Cmd::Stats { uuid } => {
+            let s = c.stats(uuid)?;
+            if cli.json {
+                return print_json(&s);
+            }
+            println!("{:<6} {:>12} {:>14} {:>10} {:>10} {:>10} {:>12}", "queue", "packets", "bytes", "drops", "kicks", "calls", "polls");
+            for (i, q) in s.queues.iter().enumerate() {
+                let name = match i {
+                    0 => "rx0".to_string(),
+                    1 => "tx0".to_string(),
+                    n => format!("q{n}"),
+                };
+                println!(
+                    "{name:<6} {:>12} {:>14} {:>10} {:>10} {:>10} {:>12}",
+                    q.packets, q.bytes, q.drops, q.kicks, q.calls, q.polls
+                );
+            }
+        }
+    }
+    Ok(())
+}

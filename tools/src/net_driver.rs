@@ -1,0 +1,479 @@
+//! A virtio-net driver over the vmdev transport: negotiates features (MAC, MTU,
+//! EVENT_IDX, INDIRECT_DESC), lays out its own memfd memory (rings + buffers), and sends
+//! and receives frames through the driver side of `vmdev-shm-ring`.
+
+use crate::client::TransportClient;
+use crate::sys;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+use vmdev_proto::virtio::{features as f, net, status as st};
+use vmdev_proto::ProtoError;
+use vmdev_shm_ring::split::{RingFeatures, Segment};
+use vmdev_shm_ring::{create_sealed_memfd, DriverQueue, GuestAddr, GuestMemory, RingError, SplitLayout};
+
+/// Guest address where the driver's memory starts (any 4 KiB-aligned value works).
+pub const GUEST_BASE: u64 = 0x1_0000_0000;
+
+/// Room before each TX buffer for its two-entry indirect table.
+const TX_TABLE: u64 = 64;
+
+/// Failures of the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The transport failed or the control plane refused a request.
+    #[error("transport: {0}")]
+    Transport(#[from] ProtoError),
+    /// The device broke the ring contract.
+    #[error("ring: {0}")]
+    Ring(#[from] RingError),
+    /// A local system call failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The device does not offer what this driver needs, or reported nonsense.
+    #[error("device: {0}")]
+    Device(String),
+    /// The frame is larger than the MTU allows.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    FrameTooLarge {
+        /// Frame length.
+        len: usize,
+        /// Largest allowed.
+        max: usize,
+    },
+}
+
+/// How the driver learns about received frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyMode {
+    /// Busy-poll the used ring; interrupts suppressed.
+    Poll,
+    /// Sleep on the call eventfd when there is nothing to do.
+    Interrupt,
+}
+
+/// How TX chains are built (to exercise the device's chain walker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxLayout {
+    /// One descriptor: header and frame together.
+    Contiguous,
+    /// Two descriptors: header, then frame.
+    HeaderSplit,
+    /// One indirect descriptor pointing at a two-entry table.
+    Indirect,
+    /// Rotate through the three.
+    Mixed,
+}
+
+/// Driver settings.
+#[derive(Debug, Clone, Copy)]
+pub struct NetDriverConfig {
+    /// Queue size (0: the device's maximum).
+    pub queue_size: u16,
+    /// Negotiate EVENT_IDX if offered.
+    pub event_idx: bool,
+    /// Negotiate INDIRECT_DESC if offered.
+    pub indirect: bool,
+    /// Poll or interrupts.
+    pub mode: NotifyMode,
+    /// TX chain shape.
+    pub tx_layout: TxLayout,
+}
+
+impl Default for NetDriverConfig {
+    fn default() -> Self {
+        NetDriverConfig {
+            queue_size: 0,
+            event_idx: true,
+            indirect: true,
+            mode: NotifyMode::Poll,
+            tx_layout: TxLayout::Contiguous,
+        }
+    }
+}
+
+/// Guest addresses of one queue's rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingAddrs {
+    /// Descriptor table.
+    pub desc: u64,
+    /// Driver (avail) ring.
+    pub driver: u64,
+    /// Device (used) ring.
+    pub device: u64,
+    /// Queue size.
+    pub size: u16,
+}
+
+/// A running virtio-net driver bound to one vmdev device.
+pub struct NetDriver {
+    client: TransportClient,
+    uuid: Uuid,
+    cfg: NetDriverConfig,
+    mem: Arc<GuestMemory>,
+    features: u64,
+    mac: [u8; 6],
+    mtu: u16,
+    rx: DriverQueue,
+    tx: DriverQueue,
+    rings: [RingAddrs; 2],
+    kick: [OwnedFd; 2],
+    call: [OwnedFd; 2],
+    config: OwnedFd,
+    rx_base: u64,
+    rx_buf: u64,
+    tx_base: u64,
+    tx_buf: u64,
+    rx_buf_of_head: Vec<u32>,
+    tx_buf_of_head: Vec<u32>,
+    tx_free: Vec<u32>,
+    rx_unpublished: usize,
+    rx_publish_batch: usize,
+    tx_unpublished: usize,
+    tx_count: u64,
+}
+
+fn round_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+impl NetDriver {
+    /// Connects to the control plane in `run_dir`, claims device `uuid`, negotiates, sets up
+    /// memory and queues, posts every RX buffer and sets DRIVER_OK.
+    pub fn open(run_dir: &Path, uuid: Uuid, cfg: NetDriverConfig) -> Result<Self, DriverError> {
+        let mut c = TransportClient::connect(run_dir)?;
+        c.open(uuid)?;
+        Self::setup(c, uuid, cfg)
+    }
+
+    /// Sets up a device on an already opened client.
+    pub fn setup(mut c: TransportClient, uuid: Uuid, cfg: NetDriverConfig) -> Result<Self, DriverError> {
+        if c.device_id()? != vmdev_proto::virtio::device_id::NET {
+            return Err(DriverError::Device("not a virtio-net device".into()));
+        }
+        c.reset()?;
+        c.set_status(st::ACKNOWLEDGE)?;
+        c.set_status(st::ACKNOWLEDGE | st::DRIVER)?;
+        let offered = c.device_features()?;
+        let mut want = f::VERSION_1 | f::NET_F_MAC | f::NET_F_MTU | f::NET_F_STATUS;
+        if cfg.event_idx {
+            want |= f::RING_EVENT_IDX;
+        }
+        if cfg.indirect {
+            want |= f::RING_INDIRECT_DESC;
+        }
+        let features = want & offered;
+        if features & f::VERSION_1 == 0 {
+            return Err(DriverError::Device("the device does not offer VERSION_1".into()));
+        }
+        c.set_driver_features(features)?;
+        c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK)?;
+        if c.status()? & st::FEATURES_OK == 0 {
+            return Err(DriverError::Device("the device did not accept our features".into()));
+        }
+        let config = c.read_config(0, net::CONFIG_LEN as u32)?;
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(config.get(0..6).ok_or_else(|| DriverError::Device("short config".into()))?);
+        let mtu = if features & f::NET_F_MTU != 0 {
+            match config.get(net::CONFIG_MTU..net::CONFIG_MTU + 2) {
+                Some(&[a, b]) => u16::from_le_bytes([a, b]),
+                _ => return Err(DriverError::Device("config space too short for the MTU".into())),
+            }
+        } else {
+            net::DEFAULT_MTU
+        };
+
+        let mut sizes = [0u16; 2];
+        for (q, s) in sizes.iter_mut().enumerate() {
+            let max = c.queue_max_size(q as u16)?;
+            *s = if cfg.queue_size == 0 { max } else { cfg.queue_size.min(max) };
+        }
+        // Memory: [rx rings][tx rings][rx buffers][tx buffers], each part 4 KiB aligned.
+        let frame_room = round_up(net::HDR_LEN as u64 + 14 + mtu as u64, 64);
+        let rx_buf = frame_room;
+        let tx_buf = TX_TABLE + frame_room;
+        let mut off = 0u64;
+        let mut rings = [RingAddrs { desc: 0, driver: 0, device: 0, size: 0 }; 2];
+        for (q, r) in rings.iter_mut().enumerate() {
+            let (d, a, u, total) = SplitLayout::new(sizes[q]).packed_offsets();
+            let base = GUEST_BASE + off;
+            *r = RingAddrs { desc: base + d, driver: base + a, device: base + u, size: sizes[q] };
+            off = round_up(off + total, 4096);
+        }
+        let rx_base = GUEST_BASE + off;
+        off = round_up(off + rx_buf * sizes[0] as u64, 4096);
+        let tx_base = GUEST_BASE + off;
+        off = round_up(off + tx_buf * sizes[1] as u64, 4096);
+        let mem_size = off;
+
+        let memfd = create_sealed_memfd("vmdev-driver", mem_size)?;
+        let mut mem = GuestMemory::new();
+        mem.add_region(memfd.try_clone()?, GuestAddr(GUEST_BASE), mem_size, 0)
+            .map_err(|e| DriverError::Device(e.to_string()))?;
+        let mem = Arc::new(mem);
+        c.add_mem_region(memfd.as_fd(), GUEST_BASE, mem_size, 0)?;
+
+        let kick = [sys::eventfd()?, sys::eventfd()?];
+        let call = [sys::eventfd()?, sys::eventfd()?];
+        let config_fd = sys::eventfd()?;
+        let rf = RingFeatures::from_bits(features);
+        for q in 0..2u16 {
+            let r = rings[q as usize];
+            c.set_queue_size(q, r.size)?;
+            c.set_queue_address(q, r.desc, r.driver, r.device)?;
+            c.set_queue_kick(q, kick[q as usize].as_fd())?;
+            c.set_queue_call(q, call[q as usize].as_fd())?;
+        }
+        let mk = |r: RingAddrs| {
+            DriverQueue::new(Arc::clone(&mem), r.size, GuestAddr(r.desc), GuestAddr(r.driver), GuestAddr(r.device), rf)
+        };
+        let rx = mk(rings[0])?;
+        let tx = mk(rings[1])?;
+        for q in 0..2u16 {
+            c.set_queue_ready(q, true)?;
+        }
+        c.set_config_notify(config_fd.as_fd())?;
+
+        let mut drv = NetDriver {
+            client: c,
+            uuid,
+            cfg,
+            mem,
+            features,
+            mac,
+            mtu,
+            rx,
+            tx,
+            rings,
+            kick,
+            call,
+            config: config_fd,
+            rx_base,
+            rx_buf,
+            tx_base,
+            tx_buf,
+            rx_buf_of_head: vec![0; sizes[0] as usize],
+            tx_buf_of_head: vec![0; sizes[1] as usize],
+            tx_free: (0..sizes[1] as u32).rev().collect(),
+            rx_unpublished: 0,
+            rx_publish_batch: (sizes[0] as usize / 8).max(1),
+            tx_unpublished: 0,
+            tx_count: 0,
+        };
+        for b in 0..sizes[0] as u32 {
+            drv.post_rx(b)?;
+        }
+        drv.rx.publish();
+        drv.rx_unpublished = 0;
+        drv.tx.disable_interrupts();
+        if cfg.mode == NotifyMode::Poll {
+            drv.rx.disable_interrupts();
+        }
+        drv.client.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK)?;
+        Ok(drv)
+    }
+
+    fn post_rx(&mut self, buf: u32) -> Result<(), DriverError> {
+        let addr = GuestAddr(self.rx_base + buf as u64 * self.rx_buf);
+        let head = self
+            .rx
+            .add(&[Segment { addr, len: self.rx_buf as u32, writable: true }])
+            .ok_or_else(|| DriverError::Device("RX ring full while reposting".into()))?;
+        if let Some(slot) = self.rx_buf_of_head.get_mut(head as usize) {
+            *slot = buf;
+        }
+        self.rx_unpublished += 1;
+        Ok(())
+    }
+
+    /// The device's UUID.
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    /// Negotiated features.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The device's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The device's MTU.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// Largest frame (Ethernet header + payload) the driver sends.
+    pub fn max_frame(&self) -> usize {
+        self.mtu as usize + 14
+    }
+
+    /// Frames that may be in flight (sent, not yet received) without the loopback ever
+    /// finding its RX ring empty.
+    pub fn max_in_flight(&self) -> usize {
+        (self.rings[0].size as usize).saturating_sub(self.rx_publish_batch).max(1)
+    }
+
+    fn reap_tx(&mut self) -> Result<(), DriverError> {
+        while let Some((head, _)) = self.tx.pop_used()? {
+            if let Some(&b) = self.tx_buf_of_head.get(head as usize) {
+                self.tx_free.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues one frame for transmission (visible to the device at the next
+    /// [`NetDriver::flush`]); `Ok(false)` when no TX buffer is free.
+    pub fn queue_frame(&mut self, frame: &[u8]) -> Result<bool, DriverError> {
+        if frame.len() > self.max_frame() {
+            return Err(DriverError::FrameTooLarge { len: frame.len(), max: self.max_frame() });
+        }
+        if self.tx_free.is_empty() || self.tx.free_descriptors() < 2 {
+            self.reap_tx()?;
+        }
+        let Some(buf) = self.tx_free.pop() else {
+            return Ok(false);
+        };
+        let slot = self.tx_base + buf as u64 * self.tx_buf;
+        let hdr = GuestAddr(slot + TX_TABLE);
+        let data = GuestAddr(slot + TX_TABLE + net::HDR_LEN as u64);
+        let mem = Arc::clone(&self.mem);
+        mem.write(hdr, &[0u8; net::HDR_LEN]).map_err(RingError::from)?;
+        mem.write(data, frame).map_err(RingError::from)?;
+        let mut layout = match self.cfg.tx_layout {
+            TxLayout::Mixed => [TxLayout::Contiguous, TxLayout::HeaderSplit, TxLayout::Indirect][(self.tx_count % 3) as usize],
+            l => l,
+        };
+        if frame.is_empty() || (layout == TxLayout::Indirect && self.features & f::RING_INDIRECT_DESC == 0) {
+            layout = TxLayout::Contiguous;
+        }
+        let hdr_seg = Segment { addr: hdr, len: net::HDR_LEN as u32, writable: false };
+        let data_seg = Segment { addr: data, len: frame.len() as u32, writable: false };
+        let head = match layout {
+            TxLayout::HeaderSplit => self.tx.add(&[hdr_seg, data_seg]),
+            TxLayout::Indirect => self.tx.add_indirect(GuestAddr(slot), &[hdr_seg, data_seg])?,
+            _ => self.tx.add(&[Segment { addr: hdr, len: (net::HDR_LEN + frame.len()) as u32, writable: false }]),
+        };
+        let Some(head) = head else {
+            self.tx_free.push(buf);
+            return Ok(false);
+        };
+        if let Some(s) = self.tx_buf_of_head.get_mut(head as usize) {
+            *s = buf;
+        }
+        self.tx_unpublished += 1;
+        self.tx_count += 1;
+        Ok(true)
+    }
+
+    /// Publishes queued TX frames and reposted RX buffers, kicking where the device asks.
+    pub fn flush(&mut self) -> Result<(), DriverError> {
+        if self.tx_unpublished > 0 {
+            self.tx.publish();
+            self.tx_unpublished = 0;
+            if self.tx.needs_kick() {
+                sys::signal(self.kick[1].as_fd())?;
+            }
+        }
+        self.flush_rx()
+    }
+
+    fn flush_rx(&mut self) -> Result<(), DriverError> {
+        if self.rx_unpublished > 0 {
+            self.rx.publish();
+            self.rx_unpublished = 0;
+            if self.rx.needs_kick() {
+                sys::signal(self.kick[0].as_fd())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues and flushes one frame; `Ok(false)` when no TX buffer is free.
+    pub fn send(&mut self, frame: &[u8]) -> Result<bool, DriverError> {
+        let queued = self.queue_frame(frame)?;
+        self.flush()?;
+        Ok(queued)
+    }
+
+    /// Takes one received frame (without the virtio-net header) into `out` and reposts its
+    /// buffer; `Ok(false)` when none is waiting.
+    pub fn recv_into(&mut self, out: &mut Vec<u8>) -> Result<bool, DriverError> {
+        let Some((head, len)) = self.rx.pop_used()? else {
+            return Ok(false);
+        };
+        let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
+        if (len as usize) < net::HDR_LEN || len as u64 > self.rx_buf {
+            return Err(DriverError::Device(format!("RX used length {len} outside {}..={}", net::HDR_LEN, self.rx_buf)));
+        }
+        let addr = self.rx_base + buf as u64 * self.rx_buf + net::HDR_LEN as u64;
+        out.resize(len as usize - net::HDR_LEN, 0);
+        self.mem.read(GuestAddr(addr), out).map_err(RingError::from)?;
+        self.post_rx(buf)?;
+        if self.rx_unpublished >= self.rx_publish_batch {
+            self.flush_rx()?;
+        }
+        Ok(true)
+    }
+
+    /// In interrupt mode: sleeps until the device signals RX (or `timeout` passes), unless
+    /// frames are already waiting. Returns whether RX has something. In poll mode it only
+    /// checks.
+    pub fn wait_rx(&mut self, timeout: Duration) -> Result<bool, DriverError> {
+        self.flush()?;
+        if self.cfg.mode == NotifyMode::Poll {
+            return Ok(self.rx.enable_interrupts() || {
+                self.rx.disable_interrupts();
+                false
+            });
+        }
+        if self.rx.enable_interrupts() {
+            return Ok(true);
+        }
+        let ready = sys::poll_readable(&[self.call[0].as_fd()], timeout)?;
+        sys::drain(self.call[0].as_fd());
+        Ok(ready.first().copied().unwrap_or(false))
+    }
+
+    /// Whether the control plane signalled the config eventfd (config change or NEEDS_RESET)
+    /// since the last call; waits up to `timeout`.
+    pub fn wait_config_signal(&self, timeout: Duration) -> Result<bool, DriverError> {
+        let r = sys::poll_readable(&[self.config.as_fd()], timeout)?;
+        Ok(r.first().copied().unwrap_or(false) && sys::drain(self.config.as_fd()) > 0)
+    }
+
+    /// Interrupts (call eventfd signals) received on RX so far are drained by `wait_rx`;
+    /// this reads the device status over the transport.
+    pub fn status(&mut self) -> Result<u8, DriverError> {
+        Ok(self.client.status()?)
+    }
+
+    /// The transport client (for requests the driver does not wrap).
+    pub fn client(&mut self) -> &mut TransportClient {
+        &mut self.client
+    }
+
+    /// The driver's memory (tests write hostile rings through it).
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// Ring addresses of queue `q` (0 = RX, 1 = TX).
+    pub fn ring_addrs(&self, q: usize) -> Option<RingAddrs> {
+        self.rings.get(q).copied()
+    }
+
+    /// Kicks queue `q` unconditionally.
+    pub fn kick(&self, q: usize) -> Result<(), DriverError> {
+        match self.kick.get(q) {
+            Some(k) => Ok(sys::signal(k.as_fd())?),
+            None => Err(DriverError::Device(format!("no queue {q}"))),
+        }
+    }
+}
