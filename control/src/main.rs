@@ -17,13 +17,17 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMDEV_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("VMDEV_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let server = Server::new(args.run_dir.clone());
     let on_signal = std::sync::Arc::clone(&server);
-    vmdev_control::sys::on_termination(move || on_signal.cleanup()).context("installing signal handling")?;
-    server.run().with_context(|| format!("serving {}", args.run_dir.display()))
+    vmdev_control::sys::on_termination(move || on_signal.cleanup())
+        .context("installing signal handling")?;
+    server
+        .run()
+        .with_context(|| format!("serving {}", args.run_dir.display()))
 }

@@ -81,7 +81,11 @@ pub fn status_name(s: u8) -> String {
         (st::NEEDS_RESET, "NEEDS_RESET"),
         (st::FAILED, "FAILED"),
     ];
-    let v: Vec<&str> = names.iter().filter(|(b, _)| s & b != 0).map(|(_, n)| *n).collect();
+    let v: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| s & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
     if v.is_empty() {
         "0".into()
     } else {
@@ -138,7 +142,10 @@ impl DeviceModel {
                     Some(b) => Step::Reply(Reply::Config(b.to_vec())),
                     None => err(
                         ErrorCode::BadArgument,
-                        format!("config read {offset}+{len} is outside the {}-byte config space", p.config.len()),
+                        format!(
+                            "config read {offset}+{len} is outside the {}-byte config space",
+                            p.config.len()
+                        ),
                     ),
                 }
             }
@@ -179,19 +186,29 @@ impl DeviceModel {
                 q.size = Some(size);
                 ok()
             }),
-            Request::SetQueueAddress { queue, desc, driver, device } => {
-                self.with_setup_queue(queue, |q, _| {
-                    for (name, a, align) in [("descriptor table", desc, 16), ("driver ring", driver, 2), ("device ring", device, 4)] {
-                        if a % align != 0 {
-                            return err(ErrorCode::BadAddress, format!("{name} address {a:#x} is not {align}-byte aligned"));
-                        }
+            Request::SetQueueAddress {
+                queue,
+                desc,
+                driver,
+                device,
+            } => self.with_setup_queue(queue, |q, _| {
+                for (name, a, align) in [
+                    ("descriptor table", desc, 16),
+                    ("driver ring", driver, 2),
+                    ("device ring", device, 4),
+                ] {
+                    if a % align != 0 {
+                        return err(
+                            ErrorCode::BadAddress,
+                            format!("{name} address {a:#x} is not {align}-byte aligned"),
+                        );
                     }
-                    q.desc = Some(desc);
-                    q.driver = Some(driver);
-                    q.device = Some(device);
-                    ok()
-                })
-            }
+                }
+                q.desc = Some(desc);
+                q.driver = Some(driver);
+                q.device = Some(device);
+                ok()
+            }),
             Request::SetQueueReady { queue, ready } => self.with_setup_queue(queue, |q, _| {
                 q.ready = ready;
                 ok()
@@ -221,22 +238,43 @@ impl DeviceModel {
                 self.config_notify = Some(fd);
                 ok()
             }
-            Request::AddMemRegion { guest_addr, size, offset } => {
+            Request::AddMemRegion {
+                guest_addr,
+                size,
+                offset,
+            } => {
                 let Some(fd) = fds.pop() else {
                     return err(ErrorCode::MissingFd, "AddMemRegion needs a memfd");
                 };
-                self.add_region(RegionSpec { guest_addr, size, offset }, fd)
+                self.add_region(
+                    RegionSpec {
+                        guest_addr,
+                        size,
+                        offset,
+                    },
+                    fd,
+                )
             }
             Request::RemoveMemRegion { guest_addr } => {
                 if self.status & st::DRIVER_OK != 0 {
-                    return err(ErrorCode::BadState, "memory regions cannot change after DRIVER_OK");
+                    return err(
+                        ErrorCode::BadState,
+                        "memory regions cannot change after DRIVER_OK",
+                    );
                 }
-                match self.regions.iter().position(|r| r.spec.guest_addr == guest_addr) {
+                match self
+                    .regions
+                    .iter()
+                    .position(|r| r.spec.guest_addr == guest_addr)
+                {
                     Some(i) => {
                         self.regions.remove(i);
                         ok()
                     }
-                    None => err(ErrorCode::BadArgument, format!("no region starts at {guest_addr:#x}")),
+                    None => err(
+                        ErrorCode::BadArgument,
+                        format!("no region starts at {guest_addr:#x}"),
+                    ),
                 }
             }
             other => err(
@@ -252,7 +290,10 @@ impl DeviceModel {
         } else {
             Err(err(
                 ErrorCode::BadQueue,
-                format!("queue {queue} does not exist (the device has {})", self.profile.num_queues),
+                format!(
+                    "queue {queue} does not exist (the device has {})",
+                    self.profile.num_queues
+                ),
             ))
         }
     }
@@ -262,7 +303,9 @@ impl DeviceModel {
             Ok(i) => i,
             Err(e) => return e,
         };
-        if self.status & st::FEATURES_OK == 0 || self.status & (st::DRIVER_OK | st::FAILED | st::NEEDS_RESET) != 0 {
+        if self.status & st::FEATURES_OK == 0
+            || self.status & (st::DRIVER_OK | st::FAILED | st::NEEDS_RESET) != 0
+        {
             return err(
                 ErrorCode::BadState,
                 format!(
@@ -277,10 +320,16 @@ impl DeviceModel {
 
     fn add_region(&mut self, spec: RegionSpec, fd: OwnedFd) -> Step {
         if self.status & st::DRIVER_OK != 0 {
-            return err(ErrorCode::BadState, "memory regions cannot change after DRIVER_OK");
+            return err(
+                ErrorCode::BadState,
+                "memory regions cannot change after DRIVER_OK",
+            );
         }
         if self.regions.len() >= MAX_REGIONS {
-            return err(ErrorCode::BadMemory, format!("at most {MAX_REGIONS} regions"));
+            return err(
+                ErrorCode::BadMemory,
+                format!("at most {MAX_REGIONS} regions"),
+            );
         }
         if let Err(e) = check_region_shape(spec.guest_addr, spec.size, spec.offset)
             .and_then(|_| check_memfd(fd.as_fd(), spec.offset, spec.size))
@@ -293,7 +342,10 @@ impl DeviceModel {
             .iter()
             .any(|r| spec.guest_addr < r.spec.guest_addr + r.spec.size && r.spec.guest_addr < end)
         {
-            return err(ErrorCode::BadMemory, format!("region at {:#x} overlaps another", spec.guest_addr));
+            return err(
+                ErrorCode::BadMemory,
+                format!("region at {:#x} overlaps another", spec.guest_addr),
+            );
         }
         self.regions.push(Region { spec, fd });
         ok()
@@ -316,7 +368,10 @@ impl DeviceModel {
     fn set_status(&mut self, s: u8) -> Step {
         let cur = self.status;
         if s & st::NEEDS_RESET != 0 && cur & st::NEEDS_RESET == 0 {
-            return err(ErrorCode::BadState, "NEEDS_RESET is set by the device, not the driver");
+            return err(
+                ErrorCode::BadState,
+                "NEEDS_RESET is set by the device, not the driver",
+            );
         }
         let lost = cur & !s & !st::NEEDS_RESET;
         if lost != 0 {
@@ -332,15 +387,29 @@ impl DeviceModel {
         let added = s & !cur;
         if added & st::FAILED != 0 {
             self.status |= s;
-            return if self.attached { Step::Detach(Reply::Ok) } else { ok() };
+            return if self.attached {
+                Step::Detach(Reply::Ok)
+            } else {
+                ok()
+            };
         }
         if cur & (st::FAILED | st::NEEDS_RESET) != 0 && added != 0 {
-            return err(ErrorCode::BadState, format!("the device must be reset first (status is {})", status_name(cur)));
+            return err(
+                ErrorCode::BadState,
+                format!(
+                    "the device must be reset first (status is {})",
+                    status_name(cur)
+                ),
+            );
         }
         let needs = [
             (st::DRIVER, st::ACKNOWLEDGE, "DRIVER needs ACKNOWLEDGE"),
             (st::FEATURES_OK, st::DRIVER, "FEATURES_OK needs DRIVER"),
-            (st::DRIVER_OK, st::FEATURES_OK, "DRIVER_OK needs FEATURES_OK"),
+            (
+                st::DRIVER_OK,
+                st::FEATURES_OK,
+                "DRIVER_OK needs FEATURES_OK",
+            ),
         ];
         for (bit, pre, msg) in needs {
             if added & bit != 0 && s & pre == 0 {
@@ -352,11 +421,16 @@ impl DeviceModel {
             if extra != 0 {
                 return err(
                     ErrorCode::BadFeatures,
-                    format!("the driver accepted features {extra:#x} that the device does not offer"),
+                    format!(
+                        "the driver accepted features {extra:#x} that the device does not offer"
+                    ),
                 );
             }
             if self.driver_features & features::VERSION_1 == 0 {
-                return err(ErrorCode::BadFeatures, "VERSION_1 must be accepted: vmdev devices are virtio 1.x only");
+                return err(
+                    ErrorCode::BadFeatures,
+                    "VERSION_1 must be accepted: vmdev devices are virtio 1.x only",
+                );
             }
         }
         if added & st::DRIVER_OK != 0 {
@@ -387,25 +461,40 @@ impl DeviceModel {
             let index = i as u16;
             if !q.ready {
                 if self.profile.required_queues.contains(&index) {
-                    return Err(WireError::new(ErrorCode::BadQueue, format!("queue {index} is not ready")));
+                    return Err(WireError::new(
+                        ErrorCode::BadQueue,
+                        format!("queue {index} is not ready"),
+                    ));
                 }
                 continue;
             }
             let size = q.size.unwrap_or(self.profile.max_queue_size);
             let (Some(desc), Some(driver), Some(device)) = (q.desc, q.driver, q.device) else {
-                return Err(WireError::new(ErrorCode::BadAddress, format!("queue {index} has no ring addresses")));
+                return Err(WireError::new(
+                    ErrorCode::BadAddress,
+                    format!("queue {index} has no ring addresses"),
+                ));
             };
             let l = SplitLayout::new(size);
-            for (name, a, len) in [("descriptor table", desc, l.desc_len), ("driver ring", driver, l.avail_len), ("device ring", device, l.used_len)] {
+            for (name, a, len) in [
+                ("descriptor table", desc, l.desc_len),
+                ("driver ring", driver, l.avail_len),
+                ("device ring", device, l.used_len),
+            ] {
                 if !self.ring_in_memory(a, len) {
                     return Err(WireError::new(
                         ErrorCode::BadAddress,
-                        format!("queue {index}: {name} {a:#x}+{len} is outside the driver's memory"),
+                        format!(
+                            "queue {index}: {name} {a:#x}+{len} is outside the driver's memory"
+                        ),
                     ));
                 }
             }
             if q.kick.is_none() {
-                return Err(WireError::new(ErrorCode::MissingFd, format!("queue {index} has no kick eventfd")));
+                return Err(WireError::new(
+                    ErrorCode::MissingFd,
+                    format!("queue {index} has no kick eventfd"),
+                ));
             }
             queues.push(QueueSpec {
                 index,
@@ -504,11 +593,26 @@ mod tests {
     }
 
     fn negotiate(m: &mut DeviceModel) {
-        assert_eq!(reply(m.handle(Request::SetStatus(st::ACKNOWLEDGE), vec![])), Reply::Ok);
-        assert_eq!(reply(m.handle(Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER), vec![])), Reply::Ok);
-        assert_eq!(reply(m.handle(Request::SetDriverFeatures(features::VERSION_1 | features::NET_F_MAC), vec![])), Reply::Ok);
         assert_eq!(
-            reply(m.handle(Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK), vec![])),
+            reply(m.handle(Request::SetStatus(st::ACKNOWLEDGE), vec![])),
+            Reply::Ok
+        );
+        assert_eq!(
+            reply(m.handle(Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER), vec![])),
+            Reply::Ok
+        );
+        assert_eq!(
+            reply(m.handle(
+                Request::SetDriverFeatures(features::VERSION_1 | features::NET_F_MAC),
+                vec![]
+            )),
+            Reply::Ok
+        );
+        assert_eq!(
+            reply(m.handle(
+                Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK),
+                vec![]
+            )),
             Reply::Ok
         );
     }
@@ -517,13 +621,36 @@ mod tests {
         for q in 0..2u16 {
             let b = base + q as u64 * 0x4000;
             let r = |s| reply(s);
-            assert_eq!(r(m.handle(Request::SetQueueSize { queue: q, size: 64 }, vec![])), Reply::Ok);
             assert_eq!(
-                r(m.handle(Request::SetQueueAddress { queue: q, desc: b, driver: b + 0x1000, device: b + 0x2000 }, vec![])),
+                r(m.handle(Request::SetQueueSize { queue: q, size: 64 }, vec![])),
                 Reply::Ok
             );
-            assert_eq!(r(m.handle(Request::SetQueueKick { queue: q }, vec![eventfd()])), Reply::Ok);
-            assert_eq!(r(m.handle(Request::SetQueueReady { queue: q, ready: true }, vec![])), Reply::Ok);
+            assert_eq!(
+                r(m.handle(
+                    Request::SetQueueAddress {
+                        queue: q,
+                        desc: b,
+                        driver: b + 0x1000,
+                        device: b + 0x2000
+                    },
+                    vec![]
+                )),
+                Reply::Ok
+            );
+            assert_eq!(
+                r(m.handle(Request::SetQueueKick { queue: q }, vec![eventfd()])),
+                Reply::Ok
+            );
+            assert_eq!(
+                r(m.handle(
+                    Request::SetQueueReady {
+                        queue: q,
+                        ready: true
+                    },
+                    vec![]
+                )),
+                Reply::Ok
+            );
         }
     }
 
@@ -532,28 +659,58 @@ mod tests {
     #[test]
     fn status_sequence_is_enforced() {
         let mut m = model();
-        assert_eq!(code(m.handle(Request::SetStatus(st::DRIVER), vec![])), ErrorCode::BadState);
-        assert_eq!(code(m.handle(Request::SetStatus(st::NEEDS_RESET), vec![])), ErrorCode::BadState);
-        assert_eq!(code(m.handle(Request::SetDriverFeatures(1), vec![])), ErrorCode::BadState);
+        assert_eq!(
+            code(m.handle(Request::SetStatus(st::DRIVER), vec![])),
+            ErrorCode::BadState
+        );
+        assert_eq!(
+            code(m.handle(Request::SetStatus(st::NEEDS_RESET), vec![])),
+            ErrorCode::BadState
+        );
+        assert_eq!(
+            code(m.handle(Request::SetDriverFeatures(1), vec![])),
+            ErrorCode::BadState
+        );
         negotiate(&mut m);
-        assert_eq!(code(m.handle(Request::SetStatus(st::ACKNOWLEDGE), vec![])), ErrorCode::BadState, "backwards");
-        assert_eq!(code(m.handle(Request::SetDriverFeatures(1), vec![])), ErrorCode::BadState, "after FEATURES_OK");
-        assert_eq!(code(m.handle(Request::SetStatus(ALL), vec![])), ErrorCode::BadQueue, "queues not ready");
+        assert_eq!(
+            code(m.handle(Request::SetStatus(st::ACKNOWLEDGE), vec![])),
+            ErrorCode::BadState,
+            "backwards"
+        );
+        assert_eq!(
+            code(m.handle(Request::SetDriverFeatures(1), vec![])),
+            ErrorCode::BadState,
+            "after FEATURES_OK"
+        );
+        assert_eq!(
+            code(m.handle(Request::SetStatus(ALL), vec![])),
+            ErrorCode::BadQueue,
+            "queues not ready"
+        );
     }
 
     #[test]
     fn features_not_offered_are_refused_at_features_ok() {
         let mut m = model();
         reply(m.handle(Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER), vec![]));
-        reply(m.handle(Request::SetDriverFeatures(features::VERSION_1 | features::RING_PACKED), vec![]));
+        reply(m.handle(
+            Request::SetDriverFeatures(features::VERSION_1 | features::RING_PACKED),
+            vec![],
+        ));
         assert_eq!(
-            code(m.handle(Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK), vec![])),
+            code(m.handle(
+                Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK),
+                vec![]
+            )),
             ErrorCode::BadFeatures
         );
         assert_eq!(m.status() & st::FEATURES_OK, 0);
         reply(m.handle(Request::SetDriverFeatures(features::NET_F_MAC), vec![]));
         assert_eq!(
-            code(m.handle(Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK), vec![])),
+            code(m.handle(
+                Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK),
+                vec![]
+            )),
             ErrorCode::BadFeatures,
             "VERSION_1 is required"
         );
@@ -562,34 +719,82 @@ mod tests {
     #[test]
     fn queue_setup_only_between_features_ok_and_driver_ok() {
         let mut m = model();
-        assert_eq!(code(m.handle(Request::SetQueueSize { queue: 0, size: 64 }, vec![])), ErrorCode::BadState);
+        assert_eq!(
+            code(m.handle(Request::SetQueueSize { queue: 0, size: 64 }, vec![])),
+            ErrorCode::BadState
+        );
         negotiate(&mut m);
-        assert_eq!(code(m.handle(Request::SetQueueSize { queue: 0, size: 100 }, vec![])), ErrorCode::BadQueue);
-        assert_eq!(code(m.handle(Request::SetQueueSize { queue: 9, size: 64 }, vec![])), ErrorCode::BadQueue);
-        assert_eq!(code(m.handle(Request::SetQueueKick { queue: 0 }, vec![])), ErrorCode::MissingFd);
+        assert_eq!(
+            code(m.handle(
+                Request::SetQueueSize {
+                    queue: 0,
+                    size: 100
+                },
+                vec![]
+            )),
+            ErrorCode::BadQueue
+        );
+        assert_eq!(
+            code(m.handle(Request::SetQueueSize { queue: 9, size: 64 }, vec![])),
+            ErrorCode::BadQueue
+        );
+        assert_eq!(
+            code(m.handle(Request::SetQueueKick { queue: 0 }, vec![])),
+            ErrorCode::MissingFd
+        );
     }
 
     #[test]
     fn ring_outside_memory_is_refused_at_driver_ok_and_inside_attaches() {
         let mut m = model();
         assert_eq!(
-            reply(m.handle(Request::AddMemRegion { guest_addr: 0x10000, size: 0x10000, offset: 0 }, vec![create_sealed_memfd("t", 0x10000).unwrap()])),
+            reply(m.handle(
+                Request::AddMemRegion {
+                    guest_addr: 0x10000,
+                    size: 0x10000,
+                    offset: 0
+                },
+                vec![create_sealed_memfd("t", 0x10000).unwrap()]
+            )),
             Reply::Ok
         );
         negotiate(&mut m);
         setup_queues(&mut m, 0x100000);
-        assert_eq!(code(m.handle(Request::SetStatus(ALL), vec![])), ErrorCode::BadAddress);
+        assert_eq!(
+            code(m.handle(Request::SetStatus(ALL), vec![])),
+            ErrorCode::BadAddress
+        );
         m.handle(Request::Reset, vec![]);
         negotiate(&mut m);
         setup_queues(&mut m, 0x10000);
-        let Step::Attach(spec) = m.handle(Request::SetStatus(ALL), vec![]) else { panic!("no attach") };
+        let Step::Attach(spec) = m.handle(Request::SetStatus(ALL), vec![]) else {
+            panic!("no attach")
+        };
         assert_eq!(spec.queues.len(), 2);
         assert_eq!(m.attach_fds().len(), 3);
-        assert_eq!(m.status() & st::DRIVER_OK, 0, "not DRIVER_OK until attached");
+        assert_eq!(
+            m.status() & st::DRIVER_OK,
+            0,
+            "not DRIVER_OK until attached"
+        );
         assert_eq!(m.attach_done(Ok(())), Reply::Ok);
         assert_eq!(m.status(), ALL);
-        assert_eq!(code(m.handle(Request::SetQueueAddress { queue: 0, desc: 0x10000, driver: 0x11000, device: 0x12000 }, vec![])), ErrorCode::BadState);
-        assert!(matches!(m.handle(Request::Reset, vec![]), Step::Detach(Reply::Ok)));
+        assert_eq!(
+            code(m.handle(
+                Request::SetQueueAddress {
+                    queue: 0,
+                    desc: 0x10000,
+                    driver: 0x11000,
+                    device: 0x12000
+                },
+                vec![]
+            )),
+            ErrorCode::BadState
+        );
+        assert!(matches!(
+            m.handle(Request::Reset, vec![]),
+            Step::Detach(Reply::Ok)
+        ));
         m.detached();
         assert_eq!(m.status(), 0);
     }
@@ -601,7 +806,14 @@ mod tests {
         f.as_file().set_len(0x10000).unwrap();
         let fd = OwnedFd::from(f.into_file());
         assert_eq!(
-            code(m.handle(Request::AddMemRegion { guest_addr: 0, size: 0x10000, offset: 0 }, vec![fd])),
+            code(m.handle(
+                Request::AddMemRegion {
+                    guest_addr: 0,
+                    size: 0x10000,
+                    offset: 0
+                },
+                vec![fd]
+            )),
             ErrorCode::BadMemory
         );
     }
@@ -609,18 +821,49 @@ mod tests {
     #[test]
     fn failure_sets_needs_reset_and_only_reset_clears_it() {
         let mut m = model();
-        reply(m.handle(Request::AddMemRegion { guest_addr: 0x10000, size: 0x10000, offset: 0 }, vec![create_sealed_memfd("t", 0x10000).unwrap()]));
+        reply(m.handle(
+            Request::AddMemRegion {
+                guest_addr: 0x10000,
+                size: 0x10000,
+                offset: 0,
+            },
+            vec![create_sealed_memfd("t", 0x10000).unwrap()],
+        ));
         negotiate(&mut m);
         setup_queues(&mut m, 0x10000);
         reply(m.handle(Request::SetConfigNotify, vec![eventfd()]));
-        assert!(matches!(m.handle(Request::SetStatus(ALL), vec![]), Step::Attach(_)));
+        assert!(matches!(
+            m.handle(Request::SetStatus(ALL), vec![]),
+            Step::Attach(_)
+        ));
         m.attach_done(Ok(()));
         assert!(m.device_failed().is_some());
         assert_eq!(m.status() & st::NEEDS_RESET, st::NEEDS_RESET);
-        assert_eq!(reply(m.handle(Request::SetStatus(ALL), vec![])), Reply::Ok, "no bit added: no-op");
-        assert_eq!(m.status() & st::NEEDS_RESET, st::NEEDS_RESET, "only a reset clears it");
-        assert_eq!(code(m.handle(Request::SetQueueReady { queue: 0, ready: true }, vec![])), ErrorCode::BadState);
-        assert_eq!(reply(m.handle(Request::Reset, vec![])), Reply::Ok, "already detached");
+        assert_eq!(
+            reply(m.handle(Request::SetStatus(ALL), vec![])),
+            Reply::Ok,
+            "no bit added: no-op"
+        );
+        assert_eq!(
+            m.status() & st::NEEDS_RESET,
+            st::NEEDS_RESET,
+            "only a reset clears it"
+        );
+        assert_eq!(
+            code(m.handle(
+                Request::SetQueueReady {
+                    queue: 0,
+                    ready: true
+                },
+                vec![]
+            )),
+            ErrorCode::BadState
+        );
+        assert_eq!(
+            reply(m.handle(Request::Reset, vec![])),
+            Reply::Ok,
+            "already detached"
+        );
         assert_eq!(m.status(), 0);
     }
 }

@@ -40,7 +40,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl ParentLink {
     /// Wraps the sending half of a registered datapath connection.
-    pub fn new(name: String, pid: u32, cpu: Option<u32>, types: Vec<(String, u32)>, writer: Channel) -> Self {
+    pub fn new(
+        name: String,
+        pid: u32,
+        cpu: Option<u32>,
+        types: Vec<(String, u32)>,
+        writer: Channel,
+    ) -> Self {
         ParentLink {
             name,
             pid,
@@ -69,7 +75,10 @@ impl ParentLink {
         let sent = lock(&self.writer).send(&ToDatapath::Request { seq, op }, fds);
         if let Err(e) = sent {
             lock(&self.pending).remove(&seq);
-            return Err(WireError::new(ErrorCode::Datapath, format!("datapath '{}': {e}", self.name)));
+            return Err(WireError::new(
+                ErrorCode::Datapath,
+                format!("datapath '{}': {e}", self.name),
+            ));
         }
         match rx.recv_timeout(DATAPATH_TIMEOUT) {
             Ok(r) => r,
@@ -77,7 +86,10 @@ impl ParentLink {
                 lock(&self.pending).remove(&seq);
                 Err(WireError::new(
                     ErrorCode::Datapath,
-                    format!("datapath '{}' did not answer within {DATAPATH_TIMEOUT:?}", self.name),
+                    format!(
+                        "datapath '{}' did not answer within {DATAPATH_TIMEOUT:?}",
+                        self.name
+                    ),
                 ))
             }
         }

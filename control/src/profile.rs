@@ -31,7 +31,11 @@ pub const NET_LOOPBACK: &str = "net-loopback";
 
 /// Builds the profile of a device of `type_name` with `attrs`; unknown attributes and bad
 /// values are errors.
-pub fn build(type_name: &str, attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile, WireError> {
+pub fn build(
+    type_name: &str,
+    attrs: &[(String, String)],
+    seed: u128,
+) -> Result<DeviceProfile, WireError> {
     match type_name {
         NET_LOOPBACK => net_loopback(attrs, seed),
         other => Err(WireError::new(
@@ -50,10 +54,13 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], WireError> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return Err(bad(format!("mac '{s}' is not six hex bytes separated by ':'")));
+        return Err(bad(format!(
+            "mac '{s}' is not six hex bytes separated by ':'"
+        )));
     }
     for (m, p) in mac.iter_mut().zip(&parts) {
-        *m = u8::from_str_radix(p, 16).map_err(|_| bad(format!("mac '{s}': '{p}' is not a hex byte")))?;
+        *m = u8::from_str_radix(p, 16)
+            .map_err(|_| bad(format!("mac '{s}': '{p}' is not a hex byte")))?;
     }
     if mac[0] & 1 != 0 {
         return Err(bad(format!("mac '{s}' is a multicast address")));
@@ -97,8 +104,10 @@ fn net_loopback(attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile,
     }
     let mut config = vec![0u8; net::CONFIG_LEN];
     config[net::CONFIG_MAC..net::CONFIG_MAC + 6].copy_from_slice(&mac);
-    config[net::CONFIG_STATUS..net::CONFIG_STATUS + 2].copy_from_slice(&net::STATUS_LINK_UP.to_le_bytes());
-    config[net::CONFIG_MAX_VQ_PAIRS..net::CONFIG_MAX_VQ_PAIRS + 2].copy_from_slice(&1u16.to_le_bytes());
+    config[net::CONFIG_STATUS..net::CONFIG_STATUS + 2]
+        .copy_from_slice(&net::STATUS_LINK_UP.to_le_bytes());
+    config[net::CONFIG_MAX_VQ_PAIRS..net::CONFIG_MAX_VQ_PAIRS + 2]
+        .copy_from_slice(&1u16.to_le_bytes());
     config[net::CONFIG_MTU..net::CONFIG_MTU + 2].copy_from_slice(&mtu.to_le_bytes());
     Ok(DeviceProfile {
         type_name: NET_LOOPBACK.into(),
@@ -130,7 +139,10 @@ mod tests {
         assert!(build(NET_LOOPBACK, &a("queue-size", "100"), 0).is_err());
         assert!(build(NET_LOOPBACK, &a("mtu", "9001"), 0).is_err());
         assert!(build(NET_LOOPBACK, &a("colour", "blue"), 0).is_err());
-        assert_eq!(build("blk", &[], 0).unwrap_err().code, ErrorCode::NoSuchType);
+        assert_eq!(
+            build("blk", &[], 0).unwrap_err().code,
+            ErrorCode::NoSuchType
+        );
         let p = build(NET_LOOPBACK, &a("mtu", "9000"), 0).unwrap();
         assert_eq!(&p.config[10..12], &9000u16.to_le_bytes());
     }

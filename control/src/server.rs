@@ -125,7 +125,10 @@ impl Server {
         let (first, fds) = ch.recv::<Request>()?;
         let hello = match first {
             Request::Hello(h) if fds.is_empty() => Hello::negotiate(h),
-            _ => Err(WireError::new(ErrorCode::BadState, "the first message must be Hello")),
+            _ => Err(WireError::new(
+                ErrorCode::BadState,
+                "the first message must be Hello",
+            )),
         };
         match hello {
             Ok(h) => ch.send(&Reply::Hello(h), &[])?,
@@ -140,7 +143,11 @@ impl Server {
             let want = expected_fds(&req);
             let reply = if fds.len() != want {
                 werr(
-                    if fds.len() < want { ErrorCode::MissingFd } else { ErrorCode::BadArgument },
+                    if fds.len() < want {
+                        ErrorCode::MissingFd
+                    } else {
+                        ErrorCode::BadArgument
+                    },
                     format!("this request carries {want} fd(s), {} arrived", fds.len()),
                 )
             } else {
@@ -161,9 +168,12 @@ impl Server {
             Request::Hello(_) => werr(ErrorCode::BadState, "Hello was already exchanged"),
             Request::ListTypes => Reply::Types(lock(&self.registry).parent_infos()),
             Request::ListDevices => Reply::Devices(lock(&self.registry).device_infos()),
-            Request::StartDevice { parent, device_type, uuid, attrs } => {
-                self.start_device(&parent, &device_type, uuid, attrs)
-            }
+            Request::StartDevice {
+                parent,
+                device_type,
+                uuid,
+                attrs,
+            } => self.start_device(&parent, &device_type, uuid, attrs),
             Request::StopDevice { uuid } => self.stop_device(uuid),
             Request::GetStats { uuid } => self.stats(uuid),
             Request::Open { uuid } => self.open(conn, uuid, opened),
@@ -171,14 +181,24 @@ impl Server {
                 let Some(dev) = opened.as_ref() else {
                     return werr(ErrorCode::BadState, "open a device first (Open { uuid })");
                 };
-                if matches!(req, Request::SetQueueKick { .. } | Request::SetQueueCall { .. } | Request::SetConfigNotify)
-                    && !fds.iter().all(|f| sys::is_eventfd(f.as_fd()))
+                if matches!(
+                    req,
+                    Request::SetQueueKick { .. }
+                        | Request::SetQueueCall { .. }
+                        | Request::SetConfigNotify
+                ) && !fds.iter().all(|f| sys::is_eventfd(f.as_fd()))
                 {
-                    return werr(ErrorCode::BadArgument, "kick, call and config fds must be eventfds");
+                    return werr(
+                        ErrorCode::BadArgument,
+                        "kick, call and config fds must be eventfds",
+                    );
                 }
                 let mut d = lock(dev);
                 if d.removed {
-                    return werr(ErrorCode::NoSuchDevice, format!("device {} was stopped", d.uuid));
+                    return werr(
+                        ErrorCode::NoSuchDevice,
+                        format!("device {} was stopped", d.uuid),
+                    );
                 }
                 Self::drive(&mut d, req, fds)
             }
@@ -197,7 +217,10 @@ impl Server {
                 };
                 let res = match res {
                     Ok(DpReply::Attached) => Ok(()),
-                    Ok(other) => Err(WireError::new(ErrorCode::Internal, format!("datapath answered {other:?}"))),
+                    Ok(other) => Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!("datapath answered {other:?}"),
+                    )),
                     Err(e) => Err(e),
                 };
                 if let Err(e) = &res {
@@ -229,14 +252,20 @@ impl Server {
 
     fn open(&self, conn: u64, uuid: Uuid, opened: &mut Option<Arc<Mutex<Device>>>) -> Reply {
         if opened.is_some() {
-            return werr(ErrorCode::BadState, "this connection already holds a device");
+            return werr(
+                ErrorCode::BadState,
+                "this connection already holds a device",
+            );
         }
         let Some(slot) = lock(&self.registry).devices.get(&uuid).cloned() else {
             return werr(ErrorCode::NoSuchDevice, format!("no device {uuid}"));
         };
         let mut d = lock(&slot.dev);
         if d.claimed_by.is_some() {
-            return werr(ErrorCode::Busy, format!("device {uuid} is held by another driver"));
+            return werr(
+                ErrorCode::Busy,
+                format!("device {uuid} is held by another driver"),
+            );
         }
         d.claimed_by = Some(conn);
         drop(d);
@@ -245,20 +274,35 @@ impl Server {
         Reply::Ok
     }
 
-    fn start_device(&self, parent: &str, device_type: &str, uuid: Option<Uuid>, attrs: Vec<(String, String)>) -> Reply {
+    fn start_device(
+        &self,
+        parent: &str,
+        device_type: &str,
+        uuid: Option<Uuid>,
+        attrs: Vec<(String, String)>,
+    ) -> Reply {
         let uuid = uuid.unwrap_or_else(Uuid::new_v4);
         let mut reg = lock(&self.registry);
         let Some(link) = reg.parents.get(parent).cloned() else {
-            return werr(ErrorCode::NoSuchParent, format!("no parent named '{parent}'"));
+            return werr(
+                ErrorCode::NoSuchParent,
+                format!("no parent named '{parent}'"),
+            );
         };
         let Some(&(_, max)) = link.types.iter().find(|(t, _)| t == device_type) else {
-            return werr(ErrorCode::NoSuchType, format!("parent '{parent}' does not offer type '{device_type}'"));
+            return werr(
+                ErrorCode::NoSuchType,
+                format!("parent '{parent}' does not offer type '{device_type}'"),
+            );
         };
         if reg.devices.contains_key(&uuid) {
             return werr(ErrorCode::Busy, format!("device {uuid} already exists"));
         }
         if reg.used(parent, device_type) >= max {
-            return werr(ErrorCode::NoCapacity, format!("parent '{parent}' has no free '{device_type}' instance (max {max})"));
+            return werr(
+                ErrorCode::NoCapacity,
+                format!("parent '{parent}' has no free '{device_type}' instance (max {max})"),
+            );
         }
         let profile = match profile::build(device_type, &attrs, uuid.as_u128()) {
             Ok(p) => p,
@@ -278,7 +322,11 @@ impl Server {
         reg.handles.insert(handle, uuid);
         reg.devices.insert(
             uuid,
-            Slot { parent: parent.into(), device_type: device_type.into(), dev: Arc::new(Mutex::new(dev)) },
+            Slot {
+                parent: parent.into(),
+                device_type: device_type.into(),
+                dev: Arc::new(Mutex::new(dev)),
+            },
         );
         tracing::info!(%uuid, parent, device_type, "device started");
         Reply::Started(uuid)
@@ -309,7 +357,9 @@ impl Server {
         if d.model.is_attached() {
             match d.link.call(DpOp::Stats { handle: d.handle }, &[]) {
                 Ok(DpReply::Stats(s)) => total.add(&s),
-                Ok(other) => return werr(ErrorCode::Internal, format!("datapath answered {other:?}")),
+                Ok(other) => {
+                    return werr(ErrorCode::Internal, format!("datapath answered {other:?}"))
+                }
                 Err(e) => return Reply::Error(e),
             }
         }
@@ -350,10 +400,17 @@ impl Server {
         self.parent_gone(&link);
     }
 
-    fn register(&self, ch: &mut Channel, writer: Channel, pid: u32) -> Result<Arc<ParentLink>, ProtoError> {
+    fn register(
+        &self,
+        ch: &mut Channel,
+        writer: Channel,
+        pid: u32,
+    ) -> Result<Arc<ParentLink>, ProtoError> {
         let (first, _) = ch.recv::<FromDatapath>()?;
         let FromDatapath::Hello(h) = first else {
-            return Err(ProtoError::Handshake("the first message must be Hello".into()));
+            return Err(ProtoError::Handshake(
+                "the first message must be Hello".into(),
+            ));
         };
         match Hello::negotiate(h) {
             Ok(h) => ch.send(&ToDatapath::Hello(h), &[])?,
@@ -367,12 +424,29 @@ impl Server {
             return Err(ProtoError::Handshake("expected Register".into()));
         };
         let mut reg = lock(&self.registry);
-        let refuse = if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            Some(WireError::new(ErrorCode::BadArgument, format!("parent name '{name}' must be 1-64 of [A-Za-z0-9-_.]")))
+        let refuse = if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            Some(WireError::new(
+                ErrorCode::BadArgument,
+                format!("parent name '{name}' must be 1-64 of [A-Za-z0-9-_.]"),
+            ))
         } else if reg.parents.contains_key(&name) {
-            Some(WireError::new(ErrorCode::Busy, format!("a parent named '{name}' is already registered")))
-        } else if let Some((t, _)) = types.iter().find(|(t, _)| profile::build(t, &[], 0).is_err()) {
-            Some(WireError::new(ErrorCode::NoSuchType, format!("the control plane does not know type '{t}'")))
+            Some(WireError::new(
+                ErrorCode::Busy,
+                format!("a parent named '{name}' is already registered"),
+            ))
+        } else if let Some((t, _)) = types
+            .iter()
+            .find(|(t, _)| profile::build(t, &[], 0).is_err())
+        {
+            Some(WireError::new(
+                ErrorCode::NoSuchType,
+                format!("the control plane does not know type '{t}'"),
+            ))
         } else {
             None
         };
@@ -388,10 +462,17 @@ impl Server {
 
     fn datapath_event(&self, ev: DpEvent) {
         match ev {
-            DpEvent::DeviceFailed { handle, reason, stats } => {
+            DpEvent::DeviceFailed {
+                handle,
+                reason,
+                stats,
+            } => {
                 let slot = {
                     let reg = lock(&self.registry);
-                    reg.handles.get(&handle).and_then(|u| reg.devices.get(u)).cloned()
+                    reg.handles
+                        .get(&handle)
+                        .and_then(|u| reg.devices.get(u))
+                        .cloned()
                 };
                 let Some(slot) = slot else { return };
                 let mut d = lock(&slot.dev);
@@ -411,7 +492,11 @@ impl Server {
     fn parent_gone(&self, link: &Arc<ParentLink>) {
         let slots: Vec<Slot> = {
             let mut reg = lock(&self.registry);
-            if reg.parents.get(&link.name).is_some_and(|l| Arc::ptr_eq(l, link)) {
+            if reg
+                .parents
+                .get(&link.name)
+                .is_some_and(|l| Arc::ptr_eq(l, link))
+            {
                 reg.parents.remove(&link.name);
             }
             let uuids: Vec<Uuid> = reg

@@ -14,7 +14,11 @@ pub struct PeerCred {
 
 /// Reads SO_PEERCRED of a connected Unix socket.
 pub fn peer_cred(s: &UnixStream) -> std::io::Result<PeerCred> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
     let r = unsafe {
@@ -29,7 +33,10 @@ pub fn peer_cred(s: &UnixStream) -> std::io::Result<PeerCred> {
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(PeerCred { pid: cred.pid as u32, uid: cred.uid })
+    Ok(PeerCred {
+        pid: cred.pid as u32,
+        uid: cred.uid,
+    })
 }
 
 /// Whether `fd` is an eventfd (what kick, call and config-notify fds must be).
@@ -64,13 +71,15 @@ pub fn on_termination(cleanup: impl FnOnce() + Send + 'static) -> std::io::Resul
     if r != 0 {
         return Err(std::io::Error::from_raw_os_error(r));
     }
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: sigwait reads a valid sigset and writes the signal number into `sig`.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        tracing::info!(signal = sig, "shutting down");
-        cleanup();
-        std::process::exit(0);
-    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait reads a valid sigset and writes the signal number into `sig`.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            tracing::info!(signal = sig, "shutting down");
+            cleanup();
+            std::process::exit(0);
+        })?;
     Ok(())
 }

@@ -39,7 +39,9 @@ impl QueueCtx {
             if let Some(call) = &self.call {
                 match uring.signal(call.as_fd()) {
                     Ok(()) => self.stats.calls += 1,
-                    Err(e) => tracing::warn!(queue = self.index, "cannot signal the call eventfd: {e}"),
+                    Err(e) => {
+                        tracing::warn!(queue = self.index, "cannot signal the call eventfd: {e}")
+                    }
                 }
             }
         }
@@ -67,11 +69,17 @@ fn bad(code: ErrorCode, e: impl std::fmt::Display) -> WireError {
 
 impl Device {
     /// Maps the driver's memory and sets up every queue of `spec`; `fds` in wire order.
-    pub fn attach(spec: AttachSpec, fds: Vec<OwnedFd>, uring: &mut Uring) -> Result<Device, WireError> {
+    pub fn attach(
+        spec: AttachSpec,
+        fds: Vec<OwnedFd>,
+        uring: &mut Uring,
+    ) -> Result<Device, WireError> {
         let mut fds = fds.into_iter();
         let mut mem = GuestMemory::new();
         for r in &spec.regions {
-            let fd = fds.next().ok_or_else(|| bad(ErrorCode::MissingFd, "missing region memfd"))?;
+            let fd = fds
+                .next()
+                .ok_or_else(|| bad(ErrorCode::MissingFd, "missing region memfd"))?;
             mem.add_region(fd, GuestAddr(r.guest_addr), r.size, r.offset)
                 .map_err(|e| bad(ErrorCode::BadMemory, e))?;
         }
@@ -83,7 +91,10 @@ impl Device {
             let kick = if q.has_kick { fds.next() } else { None };
             let call = if q.has_call { fds.next() } else { None };
             let Some(kick) = kick else {
-                result = Err(bad(ErrorCode::MissingFd, format!("queue {} has no kick eventfd", q.index)));
+                result = Err(bad(
+                    ErrorCode::MissingFd,
+                    format!("queue {} has no kick eventfd", q.index),
+                ));
                 break;
             };
             let ring = match DeviceQueue::new(
@@ -96,14 +107,20 @@ impl Device {
             ) {
                 Ok(r) => r,
                 Err(e) => {
-                    result = Err(bad(ErrorCode::BadAddress, format!("queue {}: {e}", q.index)));
+                    result = Err(bad(
+                        ErrorCode::BadAddress,
+                        format!("queue {}: {e}", q.index),
+                    ));
                     break;
                 }
             };
             let kick_slot = match uring.arm_kick(kick.as_fd()) {
                 Ok(Some(s)) => s,
                 Ok(None) => {
-                    result = Err(bad(ErrorCode::NoCapacity, "no free kick slot on this datapath"));
+                    result = Err(bad(
+                        ErrorCode::NoCapacity,
+                        "no free kick slot on this datapath",
+                    ));
                     break;
                 }
                 Err(e) => {
@@ -124,10 +141,17 @@ impl Device {
         }
         let backend = result.and_then(|_| match spec.device_type.as_str() {
             "net-loopback" => NetLoopback::new(&queues).map(Backend::NetLoopback),
-            t => Err(bad(ErrorCode::NoSuchType, format!("this datapath has no type '{t}'"))),
+            t => Err(bad(
+                ErrorCode::NoSuchType,
+                format!("this datapath has no type '{t}'"),
+            )),
         });
         match backend {
-            Ok(backend) => Ok(Device { handle: spec.handle, queues, backend }),
+            Ok(backend) => Ok(Device {
+                handle: spec.handle,
+                queues,
+                backend,
+            }),
             Err(e) => {
                 release_queues(&queues, uring);
                 Err(e)
@@ -163,8 +187,15 @@ impl Device {
 
     /// Current counters, by queue index.
     pub fn stats(&self) -> DeviceStats {
-        let n = self.queues.iter().map(|q| q.index as usize + 1).max().unwrap_or(0);
-        let mut s = DeviceStats { queues: vec![QueueStats::default(); n] };
+        let n = self
+            .queues
+            .iter()
+            .map(|q| q.index as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut s = DeviceStats {
+            queues: vec![QueueStats::default(); n],
+        };
         for q in &self.queues {
             if let Some(slot) = s.queues.get_mut(q.index as usize) {
                 *slot = *q.stats;

@@ -46,7 +46,13 @@ impl Engine {
     pub fn new(cfg: EngineConfig, control: Channel) -> std::io::Result<Self> {
         let mut uring = Uring::new(cfg.max_devices * 2)?;
         uring.arm_control(control.stream().as_fd())?;
-        Ok(Engine { cfg, uring, control, devices: Vec::new(), events: Vec::new() })
+        Ok(Engine {
+            cfg,
+            uring,
+            control,
+            devices: Vec::new(),
+            events: Vec::new(),
+        })
     }
 
     /// Runs until the control plane goes away.
@@ -64,7 +70,7 @@ impl Engine {
             }
             spins = spins.wrapping_add(1);
             std::hint::spin_loop();
-            if spins % 64 != 0 || last_work.elapsed() < self.cfg.spin {
+            if !spins.is_multiple_of(64) || last_work.elapsed() < self.cfg.spin {
                 continue;
             }
             if self.sleep()? {
@@ -84,9 +90,16 @@ impl Engine {
                 }
                 Err(e) => {
                     let mut dev = self.devices.swap_remove(i);
-                    tracing::warn!(handle = dev.handle, "driver broke a ring, device needs reset: {e}");
+                    tracing::warn!(
+                        handle = dev.handle,
+                        "driver broke a ring, device needs reset: {e}"
+                    );
                     dev.release(&mut self.uring);
-                    let ev = DpEvent::DeviceFailed { handle: dev.handle, reason: e.to_string(), stats: dev.stats() };
+                    let ev = DpEvent::DeviceFailed {
+                        handle: dev.handle,
+                        reason: e.to_string(),
+                        stats: dev.stats(),
+                    };
                     self.control.send(&FromDatapath::Event(ev), &[])?;
                 }
             }
@@ -116,7 +129,11 @@ impl Engine {
         for ev in &events {
             match *ev {
                 Event::Kick(slot) => {
-                    if let Some(q) = self.devices.iter_mut().find_map(|d| d.queue_by_kick_slot(slot)) {
+                    if let Some(q) = self
+                        .devices
+                        .iter_mut()
+                        .find_map(|d| d.queue_by_kick_slot(slot))
+                    {
                         q.stats.kicks += 1;
                     }
                 }
@@ -138,7 +155,8 @@ impl Engine {
             match msg {
                 ToDatapath::Request { seq, op } => {
                     let result = self.op(op, fds);
-                    self.control.send(&FromDatapath::Reply { seq, result }, &[])?;
+                    self.control
+                        .send(&FromDatapath::Reply { seq, result }, &[])?;
                 }
                 other => tracing::warn!("unexpected message from the control plane: {other:?}"),
             }
@@ -151,7 +169,12 @@ impl Engine {
         self.devices
             .iter()
             .position(|d| d.handle == handle)
-            .ok_or_else(|| WireError::new(ErrorCode::NoSuchDevice, format!("no device with handle {handle}")))
+            .ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::NoSuchDevice,
+                    format!("no device with handle {handle}"),
+                )
+            })
     }
 
     fn op(&mut self, op: DpOp, fds: Vec<OwnedFd>) -> Result<DpReply, WireError> {
@@ -161,7 +184,10 @@ impl Engine {
                     return Err(WireError::new(ErrorCode::NoCapacity, "datapath is full"));
                 }
                 if self.position(spec.handle).is_ok() {
-                    return Err(WireError::new(ErrorCode::Busy, format!("handle {} is attached", spec.handle)));
+                    return Err(WireError::new(
+                        ErrorCode::Busy,
+                        format!("handle {} is attached", spec.handle),
+                    ));
                 }
                 let handle = spec.handle;
                 let dev = Device::attach(spec, fds, &mut self.uring)?;
@@ -175,7 +201,9 @@ impl Engine {
                 tracing::info!(handle, "device detached");
                 Ok(DpReply::Detached(dev.stats()))
             }
-            DpOp::Stats { handle } => Ok(DpReply::Stats(self.devices[self.position(handle)?].stats())),
+            DpOp::Stats { handle } => {
+                Ok(DpReply::Stats(self.devices[self.position(handle)?].stats()))
+            }
         }
     }
 }

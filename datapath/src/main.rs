@@ -33,7 +33,8 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMDEV_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("VMDEV_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -42,11 +43,16 @@ fn main() -> anyhow::Result<()> {
         bail!("--max-devices must be in 1..=1024");
     }
     if let Some(cpu) = args.cpu {
-        vmdev_datapath::sys::pin_to_cpu(cpu as usize).with_context(|| format!("pinning to cpu {cpu}"))?;
+        vmdev_datapath::sys::pin_to_cpu(cpu as usize)
+            .with_context(|| format!("pinning to cpu {cpu}"))?;
     }
     let sock = args.run_dir.join("datapath.sock");
-    let stream = UnixStream::connect(&sock)
-        .with_context(|| format!("connecting to {} (is vmdev-control running?)", sock.display()))?;
+    let stream = UnixStream::connect(&sock).with_context(|| {
+        format!(
+            "connecting to {} (is vmdev-control running?)",
+            sock.display()
+        )
+    })?;
     let mut ch = Channel::new(stream);
     ch.send(&FromDatapath::Hello(Hello::ours()), &[])?;
     match ch.recv::<ToDatapath>()?.0 {
@@ -55,14 +61,24 @@ fn main() -> anyhow::Result<()> {
         other => bail!("unexpected answer to hello: {other:?}"),
     }
     let types = vec![("net-loopback".to_string(), args.max_devices)];
-    ch.send(&FromDatapath::Register { name: args.name.clone(), cpu: args.cpu, types }, &[])?;
+    ch.send(
+        &FromDatapath::Register {
+            name: args.name.clone(),
+            cpu: args.cpu,
+            types,
+        },
+        &[],
+    )?;
     match ch.recv::<ToDatapath>()?.0 {
         ToDatapath::Registered(Ok(())) => {}
         ToDatapath::Registered(Err(e)) => bail!("registration refused: {e}"),
         other => bail!("unexpected answer to register: {other:?}"),
     }
     tracing::info!(name = %args.name, cpu = ?args.cpu, "registered with the control plane");
-    let cfg = EngineConfig { max_devices: args.max_devices as usize, spin: Duration::from_micros(args.spin_us) };
+    let cfg = EngineConfig {
+        max_devices: args.max_devices as usize,
+        spin: Duration::from_micros(args.spin_us),
+    };
     let mut engine = Engine::new(cfg, ch).context("setting up io_uring")?;
     match engine.run() {
         Err(EngineError::ControlClosed) => {

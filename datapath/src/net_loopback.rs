@@ -33,12 +33,16 @@ impl NetLoopback {
     /// Finds the RX and TX queues among the attached ones.
     pub fn new(queues: &[QueueCtx]) -> Result<Self, WireError> {
         let find = |i: u16| {
-            queues
-                .iter()
-                .position(|q| q.index == i)
-                .ok_or_else(|| WireError::new(ErrorCode::BadQueue, format!("net-loopback needs queue {i}")))
+            queues.iter().position(|q| q.index == i).ok_or_else(|| {
+                WireError::new(ErrorCode::BadQueue, format!("net-loopback needs queue {i}"))
+            })
         };
-        Ok(NetLoopback { rx: find(RX_QUEUE)?, tx: find(TX_QUEUE)?, txc: Chain::new(), rxc: Chain::new() })
+        Ok(NetLoopback {
+            rx: find(RX_QUEUE)?,
+            tx: find(TX_QUEUE)?,
+            txc: Chain::new(),
+            rxc: Chain::new(),
+        })
     }
 
     /// One pass: forwards up to [`BATCH`] frames, publishes both used rings once, and

@@ -3,7 +3,10 @@
 /// Pins the calling thread (and threads it creates later) to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("cpu {cpu} out of range")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("cpu {cpu} out of range"),
+        ));
     }
     // SAFETY: CPU_ZERO/CPU_SET on a local zeroed cpu_set_t, then sched_setaffinity reads it.
     let r = unsafe {

@@ -71,7 +71,9 @@ impl Uring {
 
     fn push_kick_read(&mut self, slot: usize, fd: RawFd) -> std::io::Result<()> {
         let buf = self.kick_bufs[slot..].as_mut_ptr().cast::<u8>();
-        let e = opcode::Read::new(Fd(fd), buf, 8).build().user_data(KIND_KICK | slot as u64);
+        let e = opcode::Read::new(Fd(fd), buf, 8)
+            .build()
+            .user_data(KIND_KICK | slot as u64);
         self.push(&e)
     }
 
@@ -150,7 +152,11 @@ impl Uring {
                         out.push(Event::Kick(idx));
                     }
                     Some(Slot::Armed(_)) => {
-                        tracing::warn!(slot = idx, errno = -cqe.result(), "kick read failed; queue left without kicks");
+                        tracing::warn!(
+                            slot = idx,
+                            errno = -cqe.result(),
+                            "kick read failed; queue left without kicks"
+                        );
                         self.slots[idx] = Slot::Free;
                     }
                     Some(Slot::Retiring) => self.slots[idx] = Slot::Free,

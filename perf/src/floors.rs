@@ -109,9 +109,9 @@ impl FloorResult {
     }
 }
 
-/// Which ping-pong a floor peer plays.
+/// One of the floors (and the ping-pong a floor peer plays).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum PeerKind {
+pub enum FloorKind {
     /// Shared-memory cache line, spinning.
     Shm,
     /// Two eventfds received over the socket, blocking reads.
@@ -120,12 +120,35 @@ pub enum PeerKind {
     Unix,
 }
 
+impl FloorKind {
+    /// All floors, in the order `vmdev-perf floors` runs them.
+    pub const ALL: [FloorKind; 3] = [FloorKind::Shm, FloorKind::Eventfd, FloorKind::Unix];
+
+    /// Short name, as in [`FloorResult::name`] and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloorKind::Shm => "shm",
+            FloorKind::Eventfd => "eventfd",
+            FloorKind::Unix => "unix",
+        }
+    }
+
+    /// Measures this floor; see [`shm_pingpong`], [`eventfd_pingpong`], [`unix_pingpong`].
+    pub fn measure(self, iters: u64, cpus: Option<(usize, usize)>) -> Result<FloorResult> {
+        match self {
+            FloorKind::Shm => shm_pingpong(iters, cpus),
+            FloorKind::Eventfd => eventfd_pingpong(iters, cpus),
+            FloorKind::Unix => unix_pingpong(iters, cpus),
+        }
+    }
+}
+
 /// Arguments of the hidden `floor-peer` subcommand (the child side of a floor).
 #[derive(clap::Args, Debug)]
 pub struct PeerArgs {
     /// Which ping-pong to play.
     #[arg(long, value_enum)]
-    kind: PeerKind,
+    kind: FloorKind,
     /// Total round trips (warm-up included) after which the peer exits.
     #[arg(long)]
     rounds: u64,
@@ -155,6 +178,9 @@ pub struct FloorsArgs {
     /// Do not pin either side.
     #[arg(long)]
     no_pin: bool,
+    /// Run only these floors (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<FloorKind>,
 }
 
 fn parse_cpu_pair(s: &str) -> Result<(usize, usize), String> {
@@ -176,7 +202,14 @@ pub fn run_cli(args: &FloorsArgs) -> Result<()> {
     } else {
         args.cpus.or_else(pin::default_pair)
     };
-    let results = run_all(args.iters, cpus)?;
+    let results = if args.only.is_empty() {
+        run_all(args.iters, cpus)?
+    } else {
+        args.only
+            .iter()
+            .map(|k| k.measure(args.iters, cpus))
+            .collect::<Result<Vec<_>>>()?
+    };
     if args.json {
         println!(
             "{}",
@@ -199,11 +232,10 @@ pub fn run_cli(args: &FloorsArgs) -> Result<()> {
 
 /// Runs the shared-memory, eventfd and Unix-socket floors one after the other.
 pub fn run_all(iters: u64, cpus: Option<(usize, usize)>) -> Result<Vec<FloorResult>> {
-    Ok(vec![
-        shm_pingpong(iters, cpus)?,
-        eventfd_pingpong(iters, cpus)?,
-        unix_pingpong(iters, cpus)?,
-    ])
+    FloorKind::ALL
+        .iter()
+        .map(|k| k.measure(iters, cpus))
+        .collect()
 }
 
 /// JSON object `{"iters", "cpus", "floors": [{"name", "count", "p50_ns", ...}]}` for `results`.
@@ -278,18 +310,14 @@ impl PeerChild {
     /// `inherit` is a descriptor to leave open across exec (it stays close-on-exec in this
     /// process, so no other concurrently spawned program inherits it).
     fn spawn(
-        kind: PeerKind,
+        kind: FloorKind,
         rounds: u64,
         cpu: Option<usize>,
         extra: &[String],
         inherit: Option<RawFd>,
     ) -> Result<Self> {
         let exe = std::env::current_exe().context("current_exe")?;
-        let kind_name = match kind {
-            PeerKind::Shm => "shm",
-            PeerKind::Eventfd => "eventfd",
-            PeerKind::Unix => "unix",
-        };
+        let kind_name = kind.name();
         let mut cmd = Command::new(&exe);
         cmd.arg(PEER_SUBCOMMAND)
             .args(["--kind", kind_name, "--rounds", &rounds.to_string()])
@@ -344,10 +372,7 @@ impl PeerChild {
     fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child().try_wait().context("waiting for floor peer")? {
             self.child = None;
-            bail!(
-                "floor peer exited early ({status}); is the current executable vmdev-perf \
-                 (it re-executes itself with `{PEER_SUBCOMMAND}`)?"
-            );
+            bail!("floor peer exited early ({status})");
         }
         Ok(())
     }
@@ -435,7 +460,7 @@ pub fn shm_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<FloorRes
         .map_err(|e| anyhow!("creating shared memory: {e}"))?;
     let os_id = shmem.get_os_id().to_string();
     let mut child = PeerChild::spawn(
-        PeerKind::Shm,
+        FloorKind::Shm,
         total,
         cpus.map(|c| c.1),
         &["--shm-id".into(), os_id.clone()],
@@ -447,7 +472,12 @@ pub fn shm_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<FloorRes
         // Wait for the child to map the region and pin itself.
         let start = Instant::now();
         while slots.ready.load(Ordering::Acquire) == 0 {
-            child.check_alive()?;
+            child.check_alive().with_context(|| {
+                format!(
+                    "is the current executable vmdev-perf? (it re-executes itself with \
+                     `{PEER_SUBCOMMAND}`)"
+                )
+            })?;
             ensure!(
                 start.elapsed() < STALL_TIMEOUT,
                 "floor peer not ready after {STALL_TIMEOUT:?}"
@@ -481,7 +511,10 @@ pub fn shm_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<FloorRes
         }
     }
     child.finish()?;
-    Ok(FloorResult { name: "shm", hist })
+    Ok(FloorResult {
+        name: FloorKind::Shm.name(),
+        hist,
+    })
 }
 
 #[cold]
@@ -637,7 +670,7 @@ pub fn eventfd_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<Floo
     let (ctl, child_end) = UnixStream::pair().context("socketpair")?;
     let fd = child_end.as_raw_fd();
     let child = PeerChild::spawn(
-        PeerKind::Eventfd,
+        FloorKind::Eventfd,
         total,
         cpus.map(|c| c.1),
         &["--fd".into(), fd.to_string()],
@@ -671,7 +704,7 @@ pub fn eventfd_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<Floo
     drop(watchdog);
     child.finish()?;
     Ok(FloorResult {
-        name: "eventfd",
+        name: FloorKind::Eventfd.name(),
         hist,
     })
 }
@@ -723,7 +756,7 @@ pub fn unix_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<FloorRe
     let (sock, child_end) = UnixStream::pair().context("socketpair")?;
     let fd = child_end.as_raw_fd();
     let child = PeerChild::spawn(
-        PeerKind::Unix,
+        FloorKind::Unix,
         total,
         cpus.map(|c| c.1),
         &["--fd".into(), fd.to_string()],
@@ -743,7 +776,9 @@ pub fn unix_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<FloorRe
             .and_then(|()| (&sock).read_exact(&mut buf))
         {
             return Err(match e.kind() {
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe => {
+                io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset => {
                     anyhow!("unix floor: floor peer exited")
                 }
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
@@ -759,7 +794,10 @@ pub fn unix_pingpong(iters: u64, cpus: Option<(usize, usize)>) -> Result<FloorRe
     }
     drop(sock);
     child.finish()?;
-    Ok(FloorResult { name: "unix", hist })
+    Ok(FloorResult {
+        name: FloorKind::Unix.name(),
+        hist,
+    })
 }
 
 fn peer_unix(sock: UnixStream, rounds: u64) -> Result<()> {
@@ -786,11 +824,11 @@ pub fn run_peer(args: &PeerArgs) -> Result<()> {
         pin::pin_to_cpu(cpu).with_context(|| format!("pinning floor peer to CPU {cpu}"))?;
     }
     match args.kind {
-        PeerKind::Shm => peer_shm(
+        FloorKind::Shm => peer_shm(
             args.shm_id.as_deref().context("--shm-id is required")?,
             args.rounds,
         ),
-        PeerKind::Eventfd => peer_eventfd(inherited_socket(args.fd)?, args.rounds),
-        PeerKind::Unix => peer_unix(inherited_socket(args.fd)?, args.rounds),
+        FloorKind::Eventfd => peer_eventfd(inherited_socket(args.fd)?, args.rounds),
+        FloorKind::Unix => peer_unix(inherited_socket(args.fd)?, args.rounds),
     }
 }

@@ -1,6 +1,8 @@
 //! `vmdev-perf`: vmdev latency and throughput tools, judged against same-run floors.
 
 mod floors;
+mod hgrm;
+mod loopback;
 mod pin;
 
 use clap::{Parser, Subcommand};
@@ -15,6 +17,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Round-trip latency of one frame through a net-loopback device (HdrHistogram).
+    Latency(loopback::LatencyArgs),
+    /// Frames per second and Gbit/s through a net-loopback device.
+    Throughput(loopback::ThroughputArgs),
     /// Measure the floors: shared-memory, eventfd and Unix-socket round trips between two
     /// processes.
     Floors(floors::FloorsArgs),
@@ -26,12 +32,14 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
+            tracing_subscriber::EnvFilter::try_from_env("VMDEV_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
+        Cmd::Latency(args) => loopback::latency(&args),
+        Cmd::Throughput(args) => loopback::throughput(&args),
         Cmd::Floors(args) => floors::run_cli(&args),
         Cmd::FloorPeer(args) => floors::run_peer(&args),
     }

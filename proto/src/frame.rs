@@ -50,7 +50,11 @@ impl Channel {
     }
 
     /// Encodes `msg` and sends it with `fds` attached.
-    pub fn send<T: Serialize>(&mut self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), ProtoError> {
+    pub fn send<T: Serialize>(
+        &mut self,
+        msg: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ProtoError> {
         if fds.len() > MAX_FDS_PER_FRAME {
             return Err(ProtoError::BadHeader(format!(
                 "{} fds exceed the maximum of {MAX_FDS_PER_FRAME} per frame",
@@ -251,17 +255,24 @@ mod tests {
         let mut h = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes().to_vec();
         h.extend_from_slice(&[0, 0, 0, 0]);
         a.send_raw(&h, &[]).unwrap();
-        assert!(matches!(b.recv::<Msg>(), Err(ProtoError::FrameTooLarge { .. })));
+        assert!(matches!(
+            b.recv::<Msg>(),
+            Err(ProtoError::FrameTooLarge { .. })
+        ));
     }
 
     #[test]
     fn missing_and_unexpected_fds_are_errors() {
         let (mut a, mut b) = pair();
         a.send_raw(&[1, 0, 0, 0, 1, 0, 0, 0, 0], &[]).unwrap();
-        assert!(matches!(b.recv::<Msg>(), Err(ProtoError::MissingFds { .. })));
+        assert!(matches!(
+            b.recv::<Msg>(),
+            Err(ProtoError::MissingFds { .. })
+        ));
         let (mut a, mut b) = pair();
         let (x, _y) = UnixStream::pair().unwrap();
-        a.send_raw(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 1], &[x.as_fd()]).unwrap();
+        a.send_raw(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 1], &[x.as_fd()])
+            .unwrap();
         assert!(matches!(b.recv::<Msg>(), Err(ProtoError::UnexpectedFds(1))));
     }
 

@@ -58,14 +58,25 @@ impl Chain {
     }
 
     /// Appends a segment that `mem` translated; readable segments must come first.
-    pub(crate) fn push(&mut self, ptr: NonNull<u8>, len: u32, writable: bool) -> Result<(), RingError> {
+    pub(crate) fn push(
+        &mut self,
+        ptr: NonNull<u8>,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), RingError> {
         if writable {
-            self.writable_len = self.writable_len.checked_add(len).ok_or(RingError::ChainLength)?;
+            self.writable_len = self
+                .writable_len
+                .checked_add(len)
+                .ok_or(RingError::ChainLength)?;
         } else {
             if self.readable != self.segs.len() {
                 return Err(RingError::ReadableAfterWritable);
             }
-            self.readable_len = self.readable_len.checked_add(len).ok_or(RingError::ChainLength)?;
+            self.readable_len = self
+                .readable_len
+                .checked_add(len)
+                .ok_or(RingError::ChainLength)?;
             self.readable += 1;
         }
         self.segs.push(Seg { ptr, len });
@@ -104,9 +115,7 @@ impl Chain {
             let n = (len - offset).min(buf.len() - done);
             // SAFETY: the segment was translated within a live mapping (kept alive by
             // `self.mem`) and `offset + n <= len`; `buf` is a distinct Rust buffer.
-            unsafe {
-                std::ptr::copy(s.ptr.as_ptr().add(offset), buf.as_mut_ptr().add(done), n)
-            };
+            unsafe { std::ptr::copy(s.ptr.as_ptr().add(offset), buf.as_mut_ptr().add(done), n) };
             done += n;
             offset = 0;
             if done == buf.len() {

@@ -62,7 +62,9 @@ pub fn check_memfd(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), Mem
     // SAFETY: F_GET_SEALS only reads the fd's seal set.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 {
-        return Err(MemError::NotMemfd(std::io::Error::last_os_error().to_string()));
+        return Err(MemError::NotMemfd(
+            std::io::Error::last_os_error().to_string(),
+        ));
     }
     if seals & libc::F_SEAL_SHRINK == 0 {
         return Err(MemError::NotSealed);
@@ -74,7 +76,9 @@ pub fn check_memfd(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), Mem
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and a valid out-pointer.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return Err(MemError::NotMemfd(std::io::Error::last_os_error().to_string()));
+        return Err(MemError::NotMemfd(
+            std::io::Error::last_os_error().to_string(),
+        ));
     }
     let file_len = st.st_size as u64;
     if file_len < needed {
@@ -88,7 +92,7 @@ pub fn check_region_shape(guest_addr: u64, size: u64, offset: u64) -> Result<(),
     if size == 0 {
         return Err(MemError::BadRegion("size is zero".into()));
     }
-    if guest_addr % REGION_ALIGN != 0 || offset % REGION_ALIGN != 0 {
+    if !guest_addr.is_multiple_of(REGION_ALIGN) || !offset.is_multiple_of(REGION_ALIGN) {
         return Err(MemError::BadRegion(format!(
             "guest address {guest_addr:#x} and offset {offset:#x} must be multiples of {REGION_ALIGN}"
         )));
@@ -133,7 +137,9 @@ impl GuestMemory {
         check_region_shape(guest_addr.0, size, offset)?;
         check_memfd(fd.as_fd(), offset, size)?;
         if self.regions.len() >= MAX_REGIONS {
-            return Err(MemError::BadRegion(format!("more than {MAX_REGIONS} regions")));
+            return Err(MemError::BadRegion(format!(
+                "more than {MAX_REGIONS} regions"
+            )));
         }
         let end = guest_addr.0 + size;
         if self
@@ -183,7 +189,9 @@ impl GuestMemory {
         let oor = MemError::OutOfRange { addr, len };
         let end = addr.0.checked_add(len).ok_or(oor.clone())?;
         for r in &self.regions {
-            if addr.0 >= r.guest_addr && end <= r.guest_addr + r.size && addr.0 < r.guest_addr + r.size
+            if addr.0 >= r.guest_addr
+                && end <= r.guest_addr + r.size
+                && addr.0 < r.guest_addr + r.size
             {
                 let off = (addr.0 - r.guest_addr) as usize;
                 // SAFETY: off < r.size == map_len, so the result stays inside the mapping.
@@ -261,12 +269,25 @@ mod tests {
     #[test]
     fn translation_is_bounded() {
         let mut mem = GuestMemory::new();
-        mem.add_region(create_sealed_memfd("a", 8192).unwrap(), GuestAddr(0x10000), 8192, 0)
-            .unwrap();
-        mem.add_region(create_sealed_memfd("b", 4096).unwrap(), GuestAddr(0x12000), 4096, 0)
-            .unwrap();
+        mem.add_region(
+            create_sealed_memfd("a", 8192).unwrap(),
+            GuestAddr(0x10000),
+            8192,
+            0,
+        )
+        .unwrap();
+        mem.add_region(
+            create_sealed_memfd("b", 4096).unwrap(),
+            GuestAddr(0x12000),
+            4096,
+            0,
+        )
+        .unwrap();
         assert!(mem.contains(GuestAddr(0x10000), 8192));
-        assert!(!mem.contains(GuestAddr(0x10000), 8193), "straddles two regions");
+        assert!(
+            !mem.contains(GuestAddr(0x10000), 8193),
+            "straddles two regions"
+        );
         assert!(!mem.contains(GuestAddr(0xffff), 1));
         assert!(!mem.contains(GuestAddr(u64::MAX), 2), "wraps past 2^64");
         assert!(!mem.contains(GuestAddr(0x13000), 0));
@@ -280,18 +301,38 @@ mod tests {
     #[test]
     fn overlap_too_small_and_misaligned_are_refused() {
         let mut mem = GuestMemory::new();
-        mem.add_region(create_sealed_memfd("a", 8192).unwrap(), GuestAddr(0), 8192, 0)
-            .unwrap();
+        mem.add_region(
+            create_sealed_memfd("a", 8192).unwrap(),
+            GuestAddr(0),
+            8192,
+            0,
+        )
+        .unwrap();
         assert!(matches!(
-            mem.add_region(create_sealed_memfd("b", 8192).unwrap(), GuestAddr(4096), 4096, 0),
+            mem.add_region(
+                create_sealed_memfd("b", 8192).unwrap(),
+                GuestAddr(4096),
+                4096,
+                0
+            ),
             Err(MemError::Overlap(_))
         ));
         assert!(matches!(
-            mem.add_region(create_sealed_memfd("c", 4096).unwrap(), GuestAddr(1 << 20), 8192, 0),
+            mem.add_region(
+                create_sealed_memfd("c", 4096).unwrap(),
+                GuestAddr(1 << 20),
+                8192,
+                0
+            ),
             Err(MemError::TooSmall { .. })
         ));
         assert!(matches!(
-            mem.add_region(create_sealed_memfd("d", 8192).unwrap(), GuestAddr(100), 4096, 0),
+            mem.add_region(
+                create_sealed_memfd("d", 8192).unwrap(),
+                GuestAddr(100),
+                4096,
+                0
+            ),
             Err(MemError::BadRegion(_))
         ));
     }

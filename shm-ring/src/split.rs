@@ -143,7 +143,12 @@ impl Rings {
         let off = 4 + 8 * (slot & self.mask()) as usize;
         let v = (id as u64) | ((len as u64) << 32);
         // SAFETY: inside the used ring, 4-aligned; written as one unaligned-tolerant store.
-        unsafe { std::ptr::write_volatile(self.used.as_ptr().add(off).cast::<[u8; 8]>(), v.to_le_bytes()) }
+        unsafe {
+            std::ptr::write_volatile(
+                self.used.as_ptr().add(off).cast::<[u8; 8]>(),
+                v.to_le_bytes(),
+            )
+        }
     }
 
     fn read_used_elem(&self, slot: u16) -> (u32, u32) {
@@ -192,7 +197,10 @@ impl Descriptor {
         b[8..].copy_from_slice(&hi.to_le_bytes());
         // SAFETY: callers bound `index` by the table length they validated.
         unsafe {
-            std::ptr::write_volatile(table.as_ptr().add(index as usize * 16).cast::<[u8; 16]>(), b)
+            std::ptr::write_volatile(
+                table.as_ptr().add(index as usize * 16).cast::<[u8; 16]>(),
+                b,
+            )
         }
     }
 }
@@ -297,7 +305,10 @@ impl DeviceQueue {
         if self.available()? == 0 {
             return Ok(false);
         }
-        let head = self.rings.avail_entry(self.next_avail).load(Ordering::Relaxed);
+        let head = self
+            .rings
+            .avail_entry(self.next_avail)
+            .load(Ordering::Relaxed);
         self.next_avail = self.next_avail.wrapping_add(1);
         self.walk(head, chain)?;
         Ok(true)
@@ -338,7 +349,10 @@ impl DeviceQueue {
                 if d.flags & DESC_F_NEXT != 0 {
                     return Err(RingError::BadIndirect("INDIRECT together with NEXT".into()));
                 }
-                if d.len == 0 || d.len as u64 % DESC_LEN != 0 || d.len / 16 > MAX_INDIRECT {
+                if d.len == 0
+                    || !(d.len as u64).is_multiple_of(DESC_LEN)
+                    || d.len / 16 > MAX_INDIRECT
+                {
                     return Err(RingError::BadIndirect(format!("table length {}", d.len)));
                 }
                 table = self.mem.translate(GuestAddr(d.addr), d.len as u64)?;
@@ -365,7 +379,9 @@ impl DeviceQueue {
 
     /// Makes every used entry added so far visible with one release store.
     pub fn publish_used(&self) {
-        self.rings.used_idx().store(self.next_used, Ordering::Release);
+        self.rings
+            .used_idx()
+            .store(self.next_used, Ordering::Release);
     }
 
     /// After publishing: whether the driver asked to be interrupted for the entries
@@ -388,7 +404,9 @@ impl DeviceQueue {
     /// Asks the driver not to kick (while the device polls).
     pub fn disable_notifications(&self) {
         if !self.features.event_idx {
-            self.rings.used_flags().store(USED_F_NO_NOTIFY, Ordering::Relaxed);
+            self.rings
+                .used_flags()
+                .store(USED_F_NO_NOTIFY, Ordering::Relaxed);
         }
     }
 
@@ -396,7 +414,9 @@ impl DeviceQueue {
     /// `Ok(true)` when work arrived meanwhile (keep polling instead of sleeping).
     pub fn enable_notifications(&mut self) -> Result<bool, RingError> {
         if self.features.event_idx {
-            self.rings.avail_event().store(self.next_avail, Ordering::Relaxed);
+            self.rings
+                .avail_event()
+                .store(self.next_avail, Ordering::Relaxed);
         } else {
             self.rings.used_flags().store(0, Ordering::Relaxed);
         }
@@ -489,7 +509,8 @@ impl DriverQueue {
             let last = i + 1 == segs.len();
             let next = if last { 0 } else { ids[i + 1] };
             self.next[ids[i] as usize] = next;
-            let flags = if s.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            let flags =
+                if s.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
             Descriptor {
                 addr: s.addr.0,
                 len: s.len,
@@ -505,8 +526,19 @@ impl DriverQueue {
     }
 
     /// Adds a chain through an indirect table the caller placed at `table` (room for
-    /// `segs.len()` descriptors); uses one ring descriptor.
-    pub fn add_indirect(&mut self, table: GuestAddr, segs: &[Segment]) -> Result<Option<u16>, RingError> {
+    /// `segs.len()` descriptors); uses one ring descriptor. A table of more than
+    /// [`MAX_INDIRECT`] descriptors, which no device side accepts, is an error.
+    pub fn add_indirect(
+        &mut self,
+        table: GuestAddr,
+        segs: &[Segment],
+    ) -> Result<Option<u16>, RingError> {
+        if segs.len() > MAX_INDIRECT as usize {
+            return Err(RingError::BadIndirect(format!(
+                "{} descriptors in one table, at most {MAX_INDIRECT}",
+                segs.len()
+            )));
+        }
         if segs.is_empty() || self.free.is_empty() {
             return Ok(None);
         }
@@ -514,7 +546,8 @@ impl DriverQueue {
         let tptr = self.mem.translate(table, tlen)?;
         for (i, s) in segs.iter().enumerate() {
             let last = i + 1 == segs.len();
-            let flags = if s.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+            let flags =
+                if s.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
             Descriptor {
                 addr: s.addr.0,
                 len: s.len,
@@ -539,13 +572,17 @@ impl DriverQueue {
     }
 
     fn push_avail(&mut self, head: u16) {
-        self.rings.avail_entry(self.avail_idx).store(head, Ordering::Relaxed);
+        self.rings
+            .avail_entry(self.avail_idx)
+            .store(head, Ordering::Relaxed);
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 
     /// Makes every chain added so far visible with one release store.
     pub fn publish(&self) {
-        self.rings.avail_idx().store(self.avail_idx, Ordering::Release);
+        self.rings
+            .avail_idx()
+            .store(self.avail_idx, Ordering::Release);
     }
 
     /// After publishing: whether the device asked to be kicked (EVENT_IDX or NO_NOTIFY).
@@ -595,7 +632,9 @@ impl DriverQueue {
     /// used buffers are already waiting (do not sleep).
     pub fn enable_interrupts(&mut self) -> bool {
         if self.features.event_idx {
-            self.rings.used_event().store(self.last_used, Ordering::Relaxed);
+            self.rings
+                .used_event()
+                .store(self.last_used, Ordering::Relaxed);
         } else {
             self.rings.avail_flags().store(0, Ordering::Relaxed);
         }
@@ -610,7 +649,9 @@ impl DriverQueue {
                 .used_event()
                 .store(self.last_used.wrapping_sub(1), Ordering::Relaxed);
         } else {
-            self.rings.avail_flags().store(AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);
+            self.rings
+                .avail_flags()
+                .store(AVAIL_F_NO_INTERRUPT, Ordering::Relaxed);
         }
     }
 

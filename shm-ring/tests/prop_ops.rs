@@ -23,16 +23,19 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     let seg_len = prop_oneof![1 => Just(0u32), 8 => 1..=MAX_SEG_LEN];
-    let add = (vec((seg_len, any::<bool>()), 1..=MAX_SEGS), any::<bool>(), 0u8..16).prop_map(
-        |(mut segs, indirect, misalign)| {
+    let add = (
+        vec((seg_len, any::<bool>()), 1..=MAX_SEGS),
+        any::<bool>(),
+        0u8..16,
+    )
+        .prop_map(|(mut segs, indirect, misalign)| {
             segs.sort_by_key(|&(_, w)| w);
             Op::Add(ChainSpec {
                 segs,
                 indirect,
                 table_misalign: misalign,
             })
-        },
-    );
+        });
     prop_oneof![
         5 => add,
         2 => Just(Op::Publish),
@@ -83,8 +86,9 @@ proptest! {
 /// Small chains with little data so that many can go through quickly.
 fn small_spec(h: &mut Harness, indirect: bool) -> ChainSpec {
     let n = h.rng.range(1, 3) as usize;
-    let mut segs: Vec<(u32, bool)> =
-        (0..n).map(|_| (h.rng.range(0, 24) as u32, h.rng.chance(1, 2))).collect();
+    let mut segs: Vec<(u32, bool)> = (0..n)
+        .map(|_| (h.rng.range(0, 24) as u32, h.rng.chance(1, 2)))
+        .collect();
     segs.sort_by_key(|&(_, w)| w);
     ChainSpec {
         segs,
@@ -139,7 +143,10 @@ fn sixteen_bit_indices_wrap() {
         assert_eq!(h.stats.reaped, h.stats.added);
         let expect_wraps = h.stats.added / 65536;
         assert_eq!(avail_wraps, expect_wraps, "avail index wrapped");
-        assert!(used_wraps >= expect_wraps - 1 && used_wraps <= expect_wraps, "used index wrapped");
+        assert!(
+            used_wraps >= expect_wraps - 1 && used_wraps <= expect_wraps,
+            "used index wrapped"
+        );
         assert!(h.stats.added >= chains);
         assert_eq!(h.rig.avail_idx(), h.stats.added as u16);
         assert_eq!(h.rig.used_idx(), h.stats.added as u16);

@@ -16,9 +16,21 @@ fn one_chain_each_way() {
     let d = rig.data;
     rig.drv_mem.write(GuestAddr(d), b"hello, device").unwrap();
     let segs = [
-        Segment { addr: GuestAddr(d), len: 13, writable: false },
-        Segment { addr: GuestAddr(d + 0x100), len: 4, writable: true },
-        Segment { addr: GuestAddr(d + 0x200), len: 6, writable: true },
+        Segment {
+            addr: GuestAddr(d),
+            len: 13,
+            writable: false,
+        },
+        Segment {
+            addr: GuestAddr(d + 0x100),
+            len: 4,
+            writable: true,
+        },
+        Segment {
+            addr: GuestAddr(d + 0x200),
+            len: 6,
+            writable: true,
+        },
     ];
     let head = drv.add(&segs).unwrap();
     assert_eq!(drv.free_descriptors(), 5);
@@ -36,11 +48,19 @@ fn one_chain_each_way() {
     let mut buf = [0u8; 13];
     assert_eq!(chain.read_at(0, &mut buf), 13);
     assert_eq!(&buf, b"hello, device");
-    assert_eq!(chain.write_at(9, b"xyz"), 1, "writes stop at the end of the chain");
+    assert_eq!(
+        chain.write_at(9, b"xyz"),
+        1,
+        "writes stop at the end of the chain"
+    );
     assert_eq!(chain.write_at(10, b"xyz"), 0);
     assert_eq!(chain.write_at(0, b"hi driver!"), 10);
     dev.add_used(chain.head(), 10);
-    assert_eq!(drv.pop_used().unwrap(), None, "not visible before publish_used");
+    assert_eq!(
+        drv.pop_used().unwrap(),
+        None,
+        "not visible before publish_used"
+    );
     dev.publish_used();
     assert_eq!(drv.pop_used().unwrap(), Some((head, 10)));
     assert_eq!(rig.read_vec(d + 0x100, 4), b"hi d");
@@ -55,7 +75,14 @@ fn one_chain_each_way() {
     drv.publish();
     assert!(dev.pop(&mut chain).unwrap());
     assert_eq!(chain.head(), head);
-    assert_eq!((chain.readable_len(), chain.writable_len(), chain.num_segments()), (13, 10, 3));
+    assert_eq!(
+        (
+            chain.readable_len(),
+            chain.writable_len(),
+            chain.num_segments()
+        ),
+        (13, 10, 3)
+    );
     assert_eq!(chain.read_at(7, &mut buf), 6);
     assert_eq!(&buf[..6], b"device");
     dev.add_used(head, 0);
@@ -70,7 +97,9 @@ fn one_chain_each_way() {
 fn random_round_trips() {
     for (i, &size) in [1u16, 2, 4, 8, 16, 64, 256].iter().enumerate() {
         for (j, &(event_idx, indirect)) in
-            [(false, false), (false, true), (true, false), (true, true)].iter().enumerate()
+            [(false, false), (false, true), (true, false), (true, true)]
+                .iter()
+                .enumerate()
         {
             let mut h = Harness::new(size, features(event_idx, indirect), (i * 4 + j) as u64);
             for _ in 0..400 {
@@ -106,7 +135,11 @@ fn full_ring_refuses_then_recovers() {
         let rig = Rig::new(size);
         let mut drv = rig.driver(ALL_FEATURES);
         let mut dev = rig.device(ALL_FEATURES);
-        let seg = |i: u64| Segment { addr: GuestAddr(rig.data + i * 64), len: 64, writable: true };
+        let seg = |i: u64| Segment {
+            addr: GuestAddr(rig.data + i * 64),
+            len: 64,
+            writable: true,
+        };
         let mut heads = Vec::new();
         for i in 0..size as u64 {
             heads.push(drv.add(&[seg(i)]).unwrap());
@@ -121,7 +154,11 @@ fn full_ring_refuses_then_recovers() {
         let mut sorted = heads.clone();
         sorted.sort();
         sorted.dedup();
-        assert_eq!(sorted, (0..size).collect::<Vec<_>>(), "every descriptor used once");
+        assert_eq!(
+            sorted,
+            (0..size).collect::<Vec<_>>(),
+            "every descriptor used once"
+        );
 
         let mut c = Chain::new();
         for &h in &heads {
@@ -159,7 +196,11 @@ fn unpop_and_available() {
     let rig = Rig::new(4);
     let mut drv = rig.driver(NO_FEATURES);
     let mut dev = rig.device(NO_FEATURES);
-    let seg = Segment { addr: GuestAddr(rig.data), len: 8, writable: false };
+    let seg = Segment {
+        addr: GuestAddr(rig.data),
+        len: 8,
+        writable: false,
+    };
     assert_eq!(dev.available().unwrap(), 0);
     let a = drv.add(&[seg]).unwrap();
     let b = drv.add(&[seg]).unwrap();
@@ -234,12 +275,24 @@ fn fresh_queues_over_reused_memory() {
             NO_FEATURES,
         )
         .unwrap();
-        let mut dev =
-            DeviceQueue::new(rig.dev_mem.clone(), 8, rig.desc, rig.avail, rig.used, NO_FEATURES)
-                .unwrap();
-        rig.drv_mem.write(GuestAddr(rig.data), &[round; 16]).unwrap();
+        let mut dev = DeviceQueue::new(
+            rig.dev_mem.clone(),
+            8,
+            rig.desc,
+            rig.avail,
+            rig.used,
+            NO_FEATURES,
+        )
+        .unwrap();
+        rig.drv_mem
+            .write(GuestAddr(rig.data), &[round; 16])
+            .unwrap();
         let h = drv
-            .add(&[Segment { addr: GuestAddr(rig.data), len: 16, writable: false }])
+            .add(&[Segment {
+                addr: GuestAddr(rig.data),
+                len: 16,
+                writable: false,
+            }])
             .unwrap();
         drv.publish();
         let mut c = Chain::new();
@@ -251,4 +304,58 @@ fn fresh_queues_over_reused_memory() {
         dev.publish_used();
         assert_eq!(drv.pop_used().unwrap(), Some((h, 0)));
     }
+}
+
+/// The largest indirect table a device accepts round-trips; a longer one is refused by the
+/// driver side up front (it used to be added, for the device to reject, and past 65536
+/// descriptors the `next` field overflowed: a panic in debug builds).
+#[test]
+fn indirect_table_size_limit() {
+    use vmdev_shm_ring::split::MAX_INDIRECT;
+    use vmdev_shm_ring::RingError;
+    let rig = Rig::new(4);
+    let mut drv = rig.driver(ALL_FEATURES);
+    let mut dev = rig.device(ALL_FEATURES);
+    let table = GuestAddr(rig.data);
+    let buf = GuestAddr(rig.end - 4096);
+    rig.drv_mem.write(buf, &[7; 4]).unwrap();
+    let seg = Segment {
+        addr: buf,
+        len: 1,
+        writable: false,
+    };
+    for n in [MAX_INDIRECT as usize + 1, 65536, 65537, 70000] {
+        let segs = vec![seg; n];
+        assert!(
+            matches!(
+                drv.add_indirect(table, &segs),
+                Err(RingError::BadIndirect(_))
+            ),
+            "{n} descriptors"
+        );
+        assert_eq!(drv.free_descriptors(), 4);
+    }
+    // A table outside memory is refused without using a descriptor.
+    let e = drv
+        .add_indirect(GuestAddr(rig.end - 16), &[seg, seg])
+        .unwrap_err();
+    assert!(matches!(e, RingError::Memory(_)), "{e:?}");
+    assert_eq!(drv.free_descriptors(), 4);
+    drv.publish();
+    let mut c = Chain::new();
+    assert!(!dev.pop(&mut c).unwrap(), "nothing was added");
+
+    let segs = vec![seg; MAX_INDIRECT as usize];
+    let h = drv.add_indirect(table, &segs).unwrap().unwrap();
+    drv.publish();
+    assert!(dev.pop(&mut c).unwrap());
+    assert_eq!(c.num_segments(), MAX_INDIRECT as usize);
+    assert_eq!(c.readable_len(), MAX_INDIRECT);
+    let mut b = vec![0u8; 4];
+    assert_eq!(c.read_at(32767, &mut b), 1);
+    assert_eq!(b[0], 7);
+    dev.add_used(h, 0);
+    dev.publish_used();
+    assert_eq!(drv.pop_used().unwrap(), Some((h, 0)));
+    assert_eq!(drv.free_descriptors(), 4);
 }

@@ -18,7 +18,11 @@ pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -26,7 +30,10 @@ pub fn bin_path(name: &str) -> PathBuf {
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -42,16 +49,29 @@ pub struct Daemons {
 impl Daemons {
     /// Starts `vmdev-control` in a fresh run directory and waits for its socket.
     pub fn start() -> Self {
-        let run_dir = std::env::temp_dir().join(format!("vmdev-test-{}-{}", std::process::id(), Uuid::new_v4()));
+        let run_dir = std::env::temp_dir().join(format!(
+            "vmdev-test-{}-{}",
+            std::process::id(),
+            Uuid::new_v4()
+        ));
         let control = Command::new(bin_path("vmdev-control"))
             .arg("--run-dir")
             .arg(&run_dir)
-            .env("VMDEV_LOG", std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "VMDEV_LOG",
+                std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn vmdev-control");
-        let d = Daemons { run_dir, control, datapaths: Vec::new() };
-        wait_until("control.sock", STARTUP, || TransportClient::connect(&d.run_dir).is_ok());
+        let d = Daemons {
+            run_dir,
+            control,
+            datapaths: Vec::new(),
+        };
+        wait_until("control.sock", STARTUP, || {
+            TransportClient::connect(&d.run_dir).is_ok()
+        });
         d
     }
 
@@ -67,14 +87,19 @@ impl Daemons {
             .arg(&self.run_dir)
             .args(["--name", name])
             .args(extra)
-            .env("VMDEV_LOG", std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "VMDEV_LOG",
+                std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn vmdev-datapath");
         self.datapaths.push((name.to_string(), child));
         let mut c = self.client();
         wait_until("datapath registration", STARTUP, || {
-            c.list_types().map(|t| t.iter().any(|p| p.name == name)).unwrap_or(false)
+            c.list_types()
+                .map(|t| t.iter().any(|p| p.name == name))
+                .unwrap_or(false)
         });
     }
 
@@ -101,9 +126,17 @@ impl Daemons {
             args.push(a);
         }
         let out = self.vmdevctl(&args);
-        assert!(out.status.success(), "vmdevctl start failed: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("vmdevctl --json output");
-        v["uuid"].as_str().and_then(|s| s.parse().ok()).expect("uuid in vmdevctl output")
+        assert!(
+            out.status.success(),
+            "vmdevctl start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("vmdevctl --json output");
+        v["uuid"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("uuid in vmdevctl output")
     }
 
     /// Whether the control plane process is still running.
@@ -113,7 +146,9 @@ impl Daemons {
 
     /// Whether every datapath process is still running.
     pub fn datapaths_alive(&mut self) -> bool {
-        self.datapaths.iter_mut().all(|(_, c)| matches!(c.try_wait(), Ok(None)))
+        self.datapaths
+            .iter_mut()
+            .all(|(_, c)| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Kills the datapath called `name` (SIGKILL) and reaps it.
@@ -158,5 +193,6 @@ pub fn make_frame(mac: [u8; 6], seq: u64, len: usize) -> Vec<u8> {
 
 /// Reads the sequence number from a frame built by [`make_frame`].
 pub fn frame_seq(f: &[u8]) -> Option<u64> {
-    f.get(14..22).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    f.get(14..22)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
 }

@@ -24,7 +24,8 @@ fn world() -> World {
     let mut d = Daemons::start();
     d.add_datapath("dp0");
     let uuid = d.start_device("dp0", &[]);
-    let healthy = NetDriver::open(&d.run_dir, uuid, NetDriverConfig::default()).expect("healthy driver");
+    let healthy =
+        NetDriver::open(&d.run_dir, uuid, NetDriverConfig::default()).expect("healthy driver");
     World { d, healthy }
 }
 
@@ -79,7 +80,8 @@ fn malformed_frame_closes_only_that_connection() {
     let mut w = world();
     let mut s = UnixStream::connect(w.d.run_dir.join("control.sock")).unwrap();
     // Valid header, body that is no message at all.
-    s.write_all(&[4, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    s.write_all(&[4, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
     assert!(closed_by_server(s));
     // A header with reserved bits set.
     let mut s = UnixStream::connect(w.d.run_dir.join("control.sock")).unwrap();
@@ -93,7 +95,8 @@ fn oversized_frame_closes_only_that_connection() {
     let mut w = world();
     let mut s = UnixStream::connect(w.d.run_dir.join("control.sock")).unwrap();
     let len = (vmdev_proto::MAX_FRAME_LEN as u32 + 1).to_le_bytes();
-    s.write_all(&[len[0], len[1], len[2], len[3], 0, 0, 0, 0]).unwrap();
+    s.write_all(&[len[0], len[1], len[2], len[3], 0, 0, 0, 0])
+        .unwrap();
     assert!(closed_by_server(s));
     w.assert_healthy();
 }
@@ -105,7 +108,10 @@ fn no_hello_first_is_refused() {
     let mut ch = vmdev_proto::Channel::new(stream);
     let r: Reply = ch.call(&Request::ListTypes, &[]).unwrap();
     assert!(matches!(r, Reply::Error(e) if e.code == ErrorCode::BadState));
-    let bad_version = Request::Hello(vmdev_proto::Hello { version: 99, features: 0 });
+    let bad_version = Request::Hello(vmdev_proto::Hello {
+        version: 99,
+        features: 0,
+    });
     let stream = UnixStream::connect(w.d.run_dir.join("control.sock")).unwrap();
     let mut ch = vmdev_proto::Channel::new(stream);
     let r: Reply = ch.call(&bad_version, &[]).unwrap();
@@ -118,31 +124,66 @@ fn requests_out_of_order_get_typed_errors() {
     let mut w = world();
     let uuid = w.victim();
     let mut c = w.d.client();
-    assert_eq!(remote_code(c.status().unwrap_err()), ErrorCode::BadState, "before Open");
+    assert_eq!(
+        remote_code(c.status().unwrap_err()),
+        ErrorCode::BadState,
+        "before Open"
+    );
     c.open(uuid).unwrap();
-    assert_eq!(remote_code(c.set_status(st::DRIVER).unwrap_err()), ErrorCode::BadState, "DRIVER before ACK");
+    assert_eq!(
+        remote_code(c.set_status(st::DRIVER).unwrap_err()),
+        ErrorCode::BadState,
+        "DRIVER before ACK"
+    );
     c.set_status(st::ACKNOWLEDGE).unwrap();
-    assert_eq!(remote_code(c.set_driver_features(1 << 32).unwrap_err()), ErrorCode::BadState, "features before DRIVER");
-    assert_eq!(remote_code(c.set_queue_size(0, 64).unwrap_err()), ErrorCode::BadState, "queue before FEATURES_OK");
+    assert_eq!(
+        remote_code(c.set_driver_features(1 << 32).unwrap_err()),
+        ErrorCode::BadState,
+        "features before DRIVER"
+    );
+    assert_eq!(
+        remote_code(c.set_queue_size(0, 64).unwrap_err()),
+        ErrorCode::BadState,
+        "queue before FEATURES_OK"
+    );
     c.set_status(st::ACKNOWLEDGE | st::DRIVER).unwrap();
     c.set_driver_features(1 << 32 | 1 << 34).unwrap();
     assert_eq!(
-        remote_code(c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK).unwrap_err()),
+        remote_code(
+            c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK)
+                .unwrap_err()
+        ),
         ErrorCode::BadFeatures,
         "a feature that was not offered"
     );
-    assert_eq!(remote_code(c.set_status(st::ACKNOWLEDGE).unwrap_err()), ErrorCode::BadState, "going backwards");
+    assert_eq!(
+        remote_code(c.set_status(st::ACKNOWLEDGE).unwrap_err()),
+        ErrorCode::BadState,
+        "going backwards"
+    );
     // One driver per device.
     let mut other = w.d.client();
     assert_eq!(remote_code(other.open(uuid).unwrap_err()), ErrorCode::Busy);
-    assert_eq!(remote_code(other.open(Uuid::new_v4()).unwrap_err()), ErrorCode::NoSuchDevice);
+    assert_eq!(
+        remote_code(other.open(Uuid::new_v4()).unwrap_err()),
+        ErrorCode::NoSuchDevice
+    );
     // An fd where none is expected, and none where one is.
     let fd = vmdev_tools::sys::eventfd().unwrap();
-    assert_eq!(remote_code(c.request(&Request::GetStatus, &[fd.as_fd()]).unwrap_err()), ErrorCode::BadArgument);
-    assert_eq!(remote_code(c.request(&Request::SetConfigNotify, &[]).unwrap_err()), ErrorCode::MissingFd);
+    assert_eq!(
+        remote_code(c.request(&Request::GetStatus, &[fd.as_fd()]).unwrap_err()),
+        ErrorCode::BadArgument
+    );
+    assert_eq!(
+        remote_code(c.request(&Request::SetConfigNotify, &[]).unwrap_err()),
+        ErrorCode::MissingFd
+    );
     // A memfd where an eventfd belongs.
     let m = vmdev_shm_ring::create_sealed_memfd("x", 4096).unwrap();
-    assert_eq!(remote_code(c.set_config_notify(m.as_fd()).unwrap_err()), ErrorCode::BadArgument);
+    assert_eq!(
+        remote_code(c.set_config_notify(m.as_fd()).unwrap_err()),
+        ErrorCode::BadArgument
+    );
     w.assert_healthy();
 }
 
@@ -152,16 +193,34 @@ fn unsealed_memfd_is_refused() {
     let uuid = w.victim();
     let mut c = w.d.client();
     c.open(uuid).unwrap();
-    let m = memfd::MemfdOptions::default().allow_sealing(true).create("unsealed").unwrap();
+    let m = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create("unsealed")
+        .unwrap();
     m.as_file().set_len(1 << 20).unwrap();
     let fd = OwnedFd::from(m.into_file());
-    assert_eq!(remote_code(c.add_mem_region(fd.as_fd(), 0x10000, 1 << 20, 0).unwrap_err()), ErrorCode::BadMemory);
+    assert_eq!(
+        remote_code(
+            c.add_mem_region(fd.as_fd(), 0x10000, 1 << 20, 0)
+                .unwrap_err()
+        ),
+        ErrorCode::BadMemory
+    );
     // A regular file is no memfd either.
     let f = std::fs::File::open(bin_path("vmdev-control")).unwrap();
-    assert_eq!(remote_code(c.add_mem_region(f.as_fd(), 0x10000, 4096, 0).unwrap_err()), ErrorCode::BadMemory);
+    assert_eq!(
+        remote_code(c.add_mem_region(f.as_fd(), 0x10000, 4096, 0).unwrap_err()),
+        ErrorCode::BadMemory
+    );
     // Sealed but smaller than claimed.
     let small = vmdev_shm_ring::create_sealed_memfd("small", 4096).unwrap();
-    assert_eq!(remote_code(c.add_mem_region(small.as_fd(), 0x10000, 8192, 0).unwrap_err()), ErrorCode::BadMemory);
+    assert_eq!(
+        remote_code(
+            c.add_mem_region(small.as_fd(), 0x10000, 8192, 0)
+                .unwrap_err()
+        ),
+        ErrorCode::BadMemory
+    );
     w.assert_healthy();
 }
 
@@ -175,16 +234,26 @@ fn ring_outside_memory_is_refused_at_driver_ok() {
     c.add_mem_region(mem.as_fd(), 0x10000, 1 << 20, 0).unwrap();
     c.set_status(st::ACKNOWLEDGE | st::DRIVER).unwrap();
     c.set_driver_features(1 << 32).unwrap();
-    c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK).unwrap();
-    let kicks: Vec<OwnedFd> = (0..2).map(|_| vmdev_tools::sys::eventfd().unwrap()).collect();
+    c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK)
+        .unwrap();
+    let kicks: Vec<OwnedFd> = (0..2)
+        .map(|_| vmdev_tools::sys::eventfd().unwrap())
+        .collect();
     for q in 0..2u16 {
         c.set_queue_size(q, 256).unwrap();
-        let base = if q == 0 { 0x10000 } else { 0x10000 + (1 << 20) - 0x1000 }; // TX runs off the end
-        c.set_queue_address(q, base, base + 0x1000, base + 0x2000).unwrap();
+        let base = if q == 0 {
+            0x10000
+        } else {
+            0x10000 + (1 << 20) - 0x1000
+        }; // TX runs off the end
+        c.set_queue_address(q, base, base + 0x1000, base + 0x2000)
+            .unwrap();
         c.set_queue_kick(q, kicks[q as usize].as_fd()).unwrap();
         c.set_queue_ready(q, true).unwrap();
     }
-    let e = c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK).unwrap_err();
+    let e = c
+        .set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK)
+        .unwrap_err();
     assert_eq!(remote_code(e), ErrorCode::BadAddress);
     assert_eq!(c.status().unwrap() & st::DRIVER_OK, 0);
     w.assert_healthy();
@@ -193,7 +262,8 @@ fn ring_outside_memory_is_refused_at_driver_ok() {
 /// Opens a victim device, writes one hostile descriptor as TX chain 0, publishes and kicks.
 fn hostile_tx(w: &World, desc: (u64, u32, u16, u16)) -> NetDriver {
     let uuid = w.victim();
-    let drv = NetDriver::open(&w.d.run_dir, uuid, NetDriverConfig::default()).expect("victim driver");
+    let drv =
+        NetDriver::open(&w.d.run_dir, uuid, NetDriverConfig::default()).expect("victim driver");
     let r = drv.ring_addrs(1).unwrap();
     let mem = drv.memory();
     let mut d = [0u8; 16];
@@ -202,8 +272,10 @@ fn hostile_tx(w: &World, desc: (u64, u32, u16, u16)) -> NetDriver {
     d[12..14].copy_from_slice(&desc.2.to_le_bytes());
     d[14..16].copy_from_slice(&desc.3.to_le_bytes());
     mem.write(GuestAddr(r.desc), &d).unwrap();
-    mem.write(GuestAddr(r.driver + 4), &0u16.to_le_bytes()).unwrap();
-    mem.write(GuestAddr(r.driver + 2), &1u16.to_le_bytes()).unwrap();
+    mem.write(GuestAddr(r.driver + 4), &0u16.to_le_bytes())
+        .unwrap();
+    mem.write(GuestAddr(r.driver + 2), &1u16.to_le_bytes())
+        .unwrap();
     drv.kick(1).unwrap();
     drv
 }
@@ -213,7 +285,11 @@ fn assert_needs_reset(mut victim: NetDriver) {
         victim.wait_config_signal(Duration::from_secs(20)).unwrap(),
         "the driver was not told through its config eventfd"
     );
-    assert_ne!(victim.status().unwrap() & st::NEEDS_RESET, 0, "status lacks NEEDS_RESET");
+    assert_ne!(
+        victim.status().unwrap() & st::NEEDS_RESET,
+        0,
+        "status lacks NEEDS_RESET"
+    );
     // A reset brings the device back to a clean state.
     victim.client().reset().unwrap();
     assert_eq!(victim.status().unwrap(), 0);
@@ -222,7 +298,15 @@ fn assert_needs_reset(mut victim: NetDriver) {
 #[test]
 fn descriptor_loop_marks_only_that_device_needs_reset() {
     let mut w = world();
-    let victim = hostile_tx(&w, (vmdev_tools::net_driver::GUEST_BASE, 64, 1 /* NEXT */, 0 /* itself */));
+    let victim = hostile_tx(
+        &w,
+        (
+            vmdev_tools::net_driver::GUEST_BASE,
+            64,
+            1, /* NEXT */
+            0, /* itself */
+        ),
+    );
     assert_needs_reset(victim);
     w.assert_healthy();
 }
@@ -246,20 +330,27 @@ fn killed_client_releases_its_device() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line.trim(), "running");
     child.kill().unwrap();
     child.wait().unwrap();
     let mut c = w.d.client();
     wait_until("the device to be released", Duration::from_secs(20), || {
-        c.list_devices().unwrap().iter().any(|d| d.uuid == uuid && !d.claimed && !d.attached)
+        c.list_devices()
+            .unwrap()
+            .iter()
+            .any(|d| d.uuid == uuid && !d.claimed && !d.attached)
     });
     // A new client can take it and traffic flows.
     let mut drv = NetDriver::open(&w.d.run_dir, uuid, NetDriverConfig::default()).unwrap();
     let mut buf = Vec::new();
     let f = make_frame(drv.mac(), 7, 100);
     assert!(drv.send(&f).unwrap());
-    wait_until("the frame", Duration::from_secs(20), || drv.recv_into(&mut buf).unwrap());
+    wait_until("the frame", Duration::from_secs(20), || {
+        drv.recv_into(&mut buf).unwrap()
+    });
     assert_eq!(buf, f);
     w.assert_healthy();
 }
@@ -270,7 +361,15 @@ fn vmdevctl_reports_clear_errors() {
     let out = w.d.vmdevctl(&["start", "-p", "nope", "-t", "net-loopback"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no parent named 'nope'"));
-    let out = w.d.vmdevctl(&["start", "-p", "dp0", "-t", "net-loopback", "--attr", "mac=zz"]);
+    let out = w.d.vmdevctl(&[
+        "start",
+        "-p",
+        "dp0",
+        "-t",
+        "net-loopback",
+        "--attr",
+        "mac=zz",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mac"));
     let out = w.d.vmdevctl(&["stop", "-u", &Uuid::new_v4().to_string()]);

@@ -24,7 +24,10 @@ fn run_traffic(drv: &mut NetDriver, n: u64, seed: u64) -> u64 {
         let mut progressed = false;
         while sent < n && sent - got < window {
             let len = size_of(sent);
-            if !drv.queue_frame(&make_frame(mac, sent, len)).expect("queue frame") {
+            if !drv
+                .queue_frame(&make_frame(mac, sent, len))
+                .expect("queue frame")
+            {
                 break;
             }
             sizes.push_back(len);
@@ -33,10 +36,17 @@ fn run_traffic(drv: &mut NetDriver, n: u64, seed: u64) -> u64 {
         }
         drv.flush().expect("flush");
         while drv.recv_into(&mut buf).expect("recv") {
-            let len = sizes.pop_front().expect("a frame came back that was never sent");
+            let len = sizes
+                .pop_front()
+                .expect("a frame came back that was never sent");
             let want = make_frame(mac, got, len);
             assert_eq!(frame_seq(&buf), Some(got), "frame out of order");
-            assert!(buf == want, "frame {got} corrupted (len {} vs {})", buf.len(), want.len());
+            assert!(
+                buf == want,
+                "frame {got} corrupted (len {} vs {})",
+                buf.len(),
+                want.len()
+            );
             bytes += len as u64;
             got += 1;
             progressed = true;
@@ -57,7 +67,11 @@ fn run_traffic(drv: &mut NetDriver, n: u64, seed: u64) -> u64 {
 
 fn check_counters(d: &Daemons, drv: &NetDriver, n: u64, bytes: u64) {
     let out = d.vmdevctl(&["--json", "stats", "-u", &drv.uuid().to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let q = |i: usize, k: &str| v["queues"][i][k].as_u64().unwrap();
     assert_eq!(q(1, "packets"), n, "tx packets");
@@ -72,7 +86,10 @@ fn hundred_thousand_frames_come_back_in_order_and_counters_agree() {
     let mut d = Daemons::start();
     d.add_datapath("dp0");
     let uuid = d.start_device("dp0", &["queue-size=256"]);
-    let cfg = NetDriverConfig { tx_layout: TxLayout::Mixed, ..Default::default() };
+    let cfg = NetDriverConfig {
+        tx_layout: TxLayout::Mixed,
+        ..Default::default()
+    };
     let mut drv = NetDriver::open(&d.run_dir, uuid, cfg).expect("driver");
     let bytes = run_traffic(&mut drv, 100_000, 42);
     check_counters(&d, &drv, 100_000, bytes);
@@ -93,10 +110,19 @@ fn interrupt_mode_without_event_idx_or_indirect_works() {
     let mut drv = NetDriver::open(&d.run_dir, uuid, cfg).expect("driver");
     let bytes = run_traffic(&mut drv, 5_000, 7);
     check_counters(&d, &drv, 5_000, bytes);
-    let v: serde_json::Value =
-        serde_json::from_slice(&d.vmdevctl(&["--json", "stats", "-u", &uuid.to_string()]).stdout).unwrap();
-    assert!(v["queues"][1]["kicks"].as_u64().unwrap() > 0, "the datapath slept and was woken by kicks");
-    assert!(v["queues"][0]["calls"].as_u64().unwrap() > 0, "the driver was interrupted");
+    let v: serde_json::Value = serde_json::from_slice(
+        &d.vmdevctl(&["--json", "stats", "-u", &uuid.to_string()])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        v["queues"][1]["kicks"].as_u64().unwrap() > 0,
+        "the datapath slept and was woken by kicks"
+    );
+    assert!(
+        v["queues"][0]["calls"].as_u64().unwrap() > 0,
+        "the driver was interrupted"
+    );
 }
 
 #[test]
@@ -104,7 +130,10 @@ fn interrupt_mode_with_event_idx_works() {
     let mut d = Daemons::start();
     d.add_datapath_with("dp0", &["--spin-us", "0"]);
     let uuid = d.start_device("dp0", &[]);
-    let cfg = NetDriverConfig { mode: NotifyMode::Interrupt, ..Default::default() };
+    let cfg = NetDriverConfig {
+        mode: NotifyMode::Interrupt,
+        ..Default::default()
+    };
     let mut drv = NetDriver::open(&d.run_dir, uuid, cfg).expect("driver");
     let bytes = run_traffic(&mut drv, 5_000, 9);
     check_counters(&d, &drv, 5_000, bytes);

@@ -32,7 +32,10 @@ impl TransportClient {
         let stream = UnixStream::connect(path).map_err(|e| {
             ProtoError::Io(std::io::Error::new(
                 e.kind(),
-                format!("connecting to {} (is vmdev-control running?): {e}", path.display()),
+                format!(
+                    "connecting to {} (is vmdev-control running?): {e}",
+                    path.display()
+                ),
             ))
         })?;
         Self::handshake(Channel::new(stream))
@@ -105,7 +108,12 @@ impl TransportClient {
         uuid: Option<Uuid>,
         attrs: Vec<(String, String)>,
     ) -> Result<Uuid, ProtoError> {
-        let req = Request::StartDevice { parent: parent.into(), device_type: device_type.into(), uuid, attrs };
+        let req = Request::StartDevice {
+            parent: parent.into(),
+            device_type: device_type.into(),
+            uuid,
+            attrs,
+        };
         match self.request(&req, &[])? {
             Reply::Started(u) => Ok(u),
             r => Err(unexpected(r)),
@@ -187,7 +195,8 @@ impl TransportClient {
 
     /// Largest size of a queue.
     pub fn queue_max_size(&mut self, queue: u16) -> Result<u16, ProtoError> {
-        self.value(&Request::GetQueueMaxSize { queue }).map(|v| v as u16)
+        self.value(&Request::GetQueueMaxSize { queue })
+            .map(|v| v as u16)
     }
 
     /// Sets a queue's size.
@@ -196,8 +205,22 @@ impl TransportClient {
     }
 
     /// Sets a queue's ring addresses.
-    pub fn set_queue_address(&mut self, queue: u16, desc: u64, driver: u64, device: u64) -> Result<(), ProtoError> {
-        self.ok(&Request::SetQueueAddress { queue, desc, driver, device }, &[])
+    pub fn set_queue_address(
+        &mut self,
+        queue: u16,
+        desc: u64,
+        driver: u64,
+        device: u64,
+    ) -> Result<(), ProtoError> {
+        self.ok(
+            &Request::SetQueueAddress {
+                queue,
+                desc,
+                driver,
+                device,
+            },
+            &[],
+        )
     }
 
     /// Marks a queue ready.
@@ -221,8 +244,21 @@ impl TransportClient {
     }
 
     /// Adds a memory region.
-    pub fn add_mem_region(&mut self, fd: BorrowedFd<'_>, guest_addr: u64, size: u64, offset: u64) -> Result<(), ProtoError> {
-        self.ok(&Request::AddMemRegion { guest_addr, size, offset }, &[fd])
+    pub fn add_mem_region(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        guest_addr: u64,
+        size: u64,
+        offset: u64,
+    ) -> Result<(), ProtoError> {
+        self.ok(
+            &Request::AddMemRegion {
+                guest_addr,
+                size,
+                offset,
+            },
+            &[fd],
+        )
     }
 
     /// Removes a memory region.

@@ -12,7 +12,9 @@ use uuid::Uuid;
 use vmdev_proto::virtio::{features as f, net, status as st};
 use vmdev_proto::ProtoError;
 use vmdev_shm_ring::split::{RingFeatures, Segment};
-use vmdev_shm_ring::{create_sealed_memfd, DriverQueue, GuestAddr, GuestMemory, RingError, SplitLayout};
+use vmdev_shm_ring::{
+    create_sealed_memfd, DriverQueue, GuestAddr, GuestMemory, RingError, SplitLayout,
+};
 
 /// Guest address where the driver's memory starts (any 4 KiB-aligned value works).
 pub const GUEST_BASE: u64 = 0x1_0000_0000;
@@ -149,7 +151,11 @@ impl NetDriver {
     }
 
     /// Sets up a device on an already opened client.
-    pub fn setup(mut c: TransportClient, uuid: Uuid, cfg: NetDriverConfig) -> Result<Self, DriverError> {
+    pub fn setup(
+        mut c: TransportClient,
+        uuid: Uuid,
+        cfg: NetDriverConfig,
+    ) -> Result<Self, DriverError> {
         if c.device_id()? != vmdev_proto::virtio::device_id::NET {
             return Err(DriverError::Device("not a virtio-net device".into()));
         }
@@ -166,20 +172,32 @@ impl NetDriver {
         }
         let features = want & offered;
         if features & f::VERSION_1 == 0 {
-            return Err(DriverError::Device("the device does not offer VERSION_1".into()));
+            return Err(DriverError::Device(
+                "the device does not offer VERSION_1".into(),
+            ));
         }
         c.set_driver_features(features)?;
         c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK)?;
         if c.status()? & st::FEATURES_OK == 0 {
-            return Err(DriverError::Device("the device did not accept our features".into()));
+            return Err(DriverError::Device(
+                "the device did not accept our features".into(),
+            ));
         }
         let config = c.read_config(0, net::CONFIG_LEN as u32)?;
         let mut mac = [0u8; 6];
-        mac.copy_from_slice(config.get(0..6).ok_or_else(|| DriverError::Device("short config".into()))?);
+        mac.copy_from_slice(
+            config
+                .get(0..6)
+                .ok_or_else(|| DriverError::Device("short config".into()))?,
+        );
         let mtu = if features & f::NET_F_MTU != 0 {
             match config.get(net::CONFIG_MTU..net::CONFIG_MTU + 2) {
                 Some(&[a, b]) => u16::from_le_bytes([a, b]),
-                _ => return Err(DriverError::Device("config space too short for the MTU".into())),
+                _ => {
+                    return Err(DriverError::Device(
+                        "config space too short for the MTU".into(),
+                    ))
+                }
             }
         } else {
             net::DEFAULT_MTU
@@ -188,18 +206,32 @@ impl NetDriver {
         let mut sizes = [0u16; 2];
         for (q, s) in sizes.iter_mut().enumerate() {
             let max = c.queue_max_size(q as u16)?;
-            *s = if cfg.queue_size == 0 { max } else { cfg.queue_size.min(max) };
+            *s = if cfg.queue_size == 0 {
+                max
+            } else {
+                cfg.queue_size.min(max)
+            };
         }
         // Memory: [rx rings][tx rings][rx buffers][tx buffers], each part 4 KiB aligned.
         let frame_room = round_up(net::HDR_LEN as u64 + 14 + mtu as u64, 64);
         let rx_buf = frame_room;
         let tx_buf = TX_TABLE + frame_room;
         let mut off = 0u64;
-        let mut rings = [RingAddrs { desc: 0, driver: 0, device: 0, size: 0 }; 2];
+        let mut rings = [RingAddrs {
+            desc: 0,
+            driver: 0,
+            device: 0,
+            size: 0,
+        }; 2];
         for (q, r) in rings.iter_mut().enumerate() {
             let (d, a, u, total) = SplitLayout::new(sizes[q]).packed_offsets();
             let base = GUEST_BASE + off;
-            *r = RingAddrs { desc: base + d, driver: base + a, device: base + u, size: sizes[q] };
+            *r = RingAddrs {
+                desc: base + d,
+                driver: base + a,
+                device: base + u,
+                size: sizes[q],
+            };
             off = round_up(off + total, 4096);
         }
         let rx_base = GUEST_BASE + off;
@@ -227,7 +259,14 @@ impl NetDriver {
             c.set_queue_call(q, call[q as usize].as_fd())?;
         }
         let mk = |r: RingAddrs| {
-            DriverQueue::new(Arc::clone(&mem), r.size, GuestAddr(r.desc), GuestAddr(r.driver), GuestAddr(r.device), rf)
+            DriverQueue::new(
+                Arc::clone(&mem),
+                r.size,
+                GuestAddr(r.desc),
+                GuestAddr(r.driver),
+                GuestAddr(r.device),
+                rf,
+            )
         };
         let rx = mk(rings[0])?;
         let tx = mk(rings[1])?;
@@ -271,7 +310,8 @@ impl NetDriver {
         if cfg.mode == NotifyMode::Poll {
             drv.rx.disable_interrupts();
         }
-        drv.client.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK)?;
+        drv.client
+            .set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK)?;
         Ok(drv)
     }
 
@@ -279,7 +319,11 @@ impl NetDriver {
         let addr = GuestAddr(self.rx_base + buf as u64 * self.rx_buf);
         let head = self
             .rx
-            .add(&[Segment { addr, len: self.rx_buf as u32, writable: true }])
+            .add(&[Segment {
+                addr,
+                len: self.rx_buf as u32,
+                writable: true,
+            }])
             .ok_or_else(|| DriverError::Device("RX ring full while reposting".into()))?;
         if let Some(slot) = self.rx_buf_of_head.get_mut(head as usize) {
             *slot = buf;
@@ -316,7 +360,9 @@ impl NetDriver {
     /// Frames that may be in flight (sent, not yet received) without the loopback ever
     /// finding its RX ring empty.
     pub fn max_in_flight(&self) -> usize {
-        (self.rings[0].size as usize).saturating_sub(self.rx_publish_batch).max(1)
+        (self.rings[0].size as usize)
+            .saturating_sub(self.rx_publish_batch)
+            .max(1)
     }
 
     fn reap_tx(&mut self) -> Result<(), DriverError> {
@@ -332,7 +378,10 @@ impl NetDriver {
     /// [`NetDriver::flush`]); `Ok(false)` when no TX buffer is free.
     pub fn queue_frame(&mut self, frame: &[u8]) -> Result<bool, DriverError> {
         if frame.len() > self.max_frame() {
-            return Err(DriverError::FrameTooLarge { len: frame.len(), max: self.max_frame() });
+            return Err(DriverError::FrameTooLarge {
+                len: frame.len(),
+                max: self.max_frame(),
+            });
         }
         if self.tx_free.is_empty() || self.tx.free_descriptors() < 2 {
             self.reap_tx()?;
@@ -344,21 +393,42 @@ impl NetDriver {
         let hdr = GuestAddr(slot + TX_TABLE);
         let data = GuestAddr(slot + TX_TABLE + net::HDR_LEN as u64);
         let mem = Arc::clone(&self.mem);
-        mem.write(hdr, &[0u8; net::HDR_LEN]).map_err(RingError::from)?;
+        mem.write(hdr, &[0u8; net::HDR_LEN])
+            .map_err(RingError::from)?;
         mem.write(data, frame).map_err(RingError::from)?;
         let mut layout = match self.cfg.tx_layout {
-            TxLayout::Mixed => [TxLayout::Contiguous, TxLayout::HeaderSplit, TxLayout::Indirect][(self.tx_count % 3) as usize],
+            TxLayout::Mixed => [
+                TxLayout::Contiguous,
+                TxLayout::HeaderSplit,
+                TxLayout::Indirect,
+            ][(self.tx_count % 3) as usize],
             l => l,
         };
-        if frame.is_empty() || (layout == TxLayout::Indirect && self.features & f::RING_INDIRECT_DESC == 0) {
+        if frame.is_empty()
+            || (layout == TxLayout::Indirect && self.features & f::RING_INDIRECT_DESC == 0)
+        {
             layout = TxLayout::Contiguous;
         }
-        let hdr_seg = Segment { addr: hdr, len: net::HDR_LEN as u32, writable: false };
-        let data_seg = Segment { addr: data, len: frame.len() as u32, writable: false };
+        let hdr_seg = Segment {
+            addr: hdr,
+            len: net::HDR_LEN as u32,
+            writable: false,
+        };
+        let data_seg = Segment {
+            addr: data,
+            len: frame.len() as u32,
+            writable: false,
+        };
         let head = match layout {
             TxLayout::HeaderSplit => self.tx.add(&[hdr_seg, data_seg]),
-            TxLayout::Indirect => self.tx.add_indirect(GuestAddr(slot), &[hdr_seg, data_seg])?,
-            _ => self.tx.add(&[Segment { addr: hdr, len: (net::HDR_LEN + frame.len()) as u32, writable: false }]),
+            TxLayout::Indirect => self
+                .tx
+                .add_indirect(GuestAddr(slot), &[hdr_seg, data_seg])?,
+            _ => self.tx.add(&[Segment {
+                addr: hdr,
+                len: (net::HDR_LEN + frame.len()) as u32,
+                writable: false,
+            }]),
         };
         let Some(head) = head else {
             self.tx_free.push(buf);
@@ -410,11 +480,17 @@ impl NetDriver {
         };
         let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
         if (len as usize) < net::HDR_LEN || len as u64 > self.rx_buf {
-            return Err(DriverError::Device(format!("RX used length {len} outside {}..={}", net::HDR_LEN, self.rx_buf)));
+            return Err(DriverError::Device(format!(
+                "RX used length {len} outside {}..={}",
+                net::HDR_LEN,
+                self.rx_buf
+            )));
         }
         let addr = self.rx_base + buf as u64 * self.rx_buf + net::HDR_LEN as u64;
         out.resize(len as usize - net::HDR_LEN, 0);
-        self.mem.read(GuestAddr(addr), out).map_err(RingError::from)?;
+        self.mem
+            .read(GuestAddr(addr), out)
+            .map_err(RingError::from)?;
         self.post_rx(buf)?;
         if self.rx_unpublished >= self.rx_publish_batch {
             self.flush_rx()?;

@@ -40,8 +40,14 @@ pub fn drain(fd: BorrowedFd<'_>) -> u64 {
 
 /// Waits until one of `fds` is readable or `timeout` passes; returns which are readable.
 pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> std::io::Result<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> =
-        fds.iter().map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs.
     let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };

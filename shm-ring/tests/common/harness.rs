@@ -120,7 +120,11 @@ impl Harness {
         );
         assert_eq!(self.drv.in_flight(), self.chains_in_flight());
         let heads: HashSet<u16> = self.in_flight().map(|s| s.head).collect();
-        assert_eq!(heads.len(), self.chains_in_flight(), "two chains share a head");
+        assert_eq!(
+            heads.len(),
+            self.chains_in_flight(),
+            "two chains share a head"
+        );
     }
 
     /// Random segments, readable first: between 1 and `max_segs` of them.
@@ -140,7 +144,11 @@ impl Harness {
         ChainSpec {
             segs,
             indirect,
-            table_misalign: if self.rng.chance(1, 4) { self.rng.below(16) as u8 } else { 0 },
+            table_misalign: if self.rng.chance(1, 4) {
+                self.rng.below(16) as u8
+            } else {
+                0
+            },
         }
     }
 
@@ -183,7 +191,11 @@ impl Harness {
             let table = base + ((cursor + 15) & !15) + spec.table_misalign as u64;
             assert!(table + 16 * spec.segs.len() as u64 <= base + SLOT_LEN);
             let head = self.drv.add_indirect(GuestAddr(table), &segments).unwrap();
-            assert_eq!(head.is_none(), free == 0, "add_indirect refused with {free} free");
+            assert_eq!(
+                head.is_none(),
+                free == 0,
+                "add_indirect refused with {free} free"
+            );
             (head, 1)
         } else {
             assert!(cursor <= SLOT_LEN);
@@ -303,7 +315,10 @@ impl Harness {
         for _ in 0..max {
             let got = self.drv.pop_used().unwrap();
             let Some(done) = self.used_published.pop_front() else {
-                assert_eq!(got, None, "driver reaped a chain the device did not publish");
+                assert_eq!(
+                    got, None,
+                    "driver reaped a chain the device did not publish"
+                );
                 return;
             };
             let (id, len) = got.expect("driver missed a published used entry");

@@ -63,6 +63,12 @@ impl Rig {
         Self::with_regions(size, &[(BASE, MEM_SIZE)])
     }
 
+    /// Where `Rig::new(size)` puts its data area.
+    pub fn new_layout_data(size: u16) -> u64 {
+        let (_, _, _, total) = SplitLayout::new(size).packed_offsets();
+        (BASE + total + 4095) & !4095
+    }
+
     /// Rings at the start of the first region; further regions are just mapped.
     pub fn with_regions(size: u16, regions: &[(u64, u64)]) -> Rig {
         let (drv_mem, dev_mem) = map_twice(regions);
@@ -81,17 +87,35 @@ impl Rig {
     }
 
     pub fn driver(&self, f: RingFeatures) -> DriverQueue {
-        DriverQueue::new(self.drv_mem.clone(), self.size, self.desc, self.avail, self.used, f).unwrap()
+        DriverQueue::new(
+            self.drv_mem.clone(),
+            self.size,
+            self.desc,
+            self.avail,
+            self.used,
+            f,
+        )
+        .unwrap()
     }
 
     pub fn device(&self, f: RingFeatures) -> DeviceQueue {
-        DeviceQueue::new(self.dev_mem.clone(), self.size, self.desc, self.avail, self.used, f).unwrap()
+        DeviceQueue::new(
+            self.dev_mem.clone(),
+            self.size,
+            self.desc,
+            self.avail,
+            self.used,
+            f,
+        )
+        .unwrap()
     }
 
     // ---- raw ring access (through the driver's mapping) ----
 
     pub fn w16(&self, addr: u64, v: u16) {
-        self.drv_mem.write(GuestAddr(addr), &v.to_le_bytes()).unwrap();
+        self.drv_mem
+            .write(GuestAddr(addr), &v.to_le_bytes())
+            .unwrap();
     }
     pub fn r16(&self, addr: u64) -> u16 {
         let mut b = [0u8; 2];
@@ -102,7 +126,10 @@ impl Rig {
     /// Writes descriptor `i` of the table at `table`.
     pub fn write_desc_at(&self, table: u64, i: u32, addr: u64, len: u32, flags: u16, next: u16) {
         self.drv_mem
-            .write(GuestAddr(table + 16 * i as u64), &encode_desc(addr, len, flags, next))
+            .write(
+                GuestAddr(table + 16 * i as u64),
+                &encode_desc(addr, len, flags, next),
+            )
             .unwrap();
     }
     /// Writes descriptor `i` of the queue's descriptor table.

@@ -8,8 +8,14 @@ use vmdev_tools::{NetDriver, NetDriverConfig};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let run_dir = PathBuf::from(args.next().ok_or_else(|| anyhow::anyhow!("usage: RUN_DIR UUID"))?);
-    let uuid = args.next().ok_or_else(|| anyhow::anyhow!("usage: RUN_DIR UUID"))?.parse()?;
+    let run_dir = PathBuf::from(
+        args.next()
+            .ok_or_else(|| anyhow::anyhow!("usage: RUN_DIR UUID"))?,
+    );
+    let uuid = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: RUN_DIR UUID"))?
+        .parse()?;
     let mut drv = NetDriver::open(&run_dir, uuid, NetDriverConfig::default())?;
     let mac = drv.mac();
     let window = drv.max_in_flight() as u64;

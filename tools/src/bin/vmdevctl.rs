@@ -57,7 +57,11 @@ enum Cmd {
 
 fn parse_attrs(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     let mut out = Vec::new();
-    for item in list.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+    for item in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
         let Some((k, v)) = item.split_once('=') else {
             bail!("attribute '{item}' is not key=value");
         };
@@ -81,10 +85,16 @@ fn main() -> anyhow::Result<()> {
                 return print_json(&parents);
             }
             for p in parents {
-                let cpu = p.cpu.map(|c| format!("cpu {c}")).unwrap_or_else(|| "unpinned".into());
+                let cpu = p
+                    .cpu
+                    .map(|c| format!("cpu {c}"))
+                    .unwrap_or_else(|| "unpinned".into());
                 println!("{}  (pid {}, {cpu})", p.name, p.pid);
                 for t in p.types {
-                    println!("  {:<16} available: {}/{}", t.name, t.available, t.max_instances);
+                    println!(
+                        "  {:<16} available: {}/{}",
+                        t.name, t.available, t.max_instances
+                    );
                 }
             }
         }
@@ -107,7 +117,12 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Start { parent, device_type, uuid, attr } => {
+        Cmd::Start {
+            parent,
+            device_type,
+            uuid,
+            attr,
+        } => {
             let uuid = c.start_device(&parent, &device_type, uuid, parse_attrs(&attr)?)?;
             if cli.json {
                 return print_json(&serde_json::json!({ "uuid": uuid }));
@@ -125,7 +140,10 @@ fn main() -> anyhow::Result<()> {
             if cli.json {
                 return print_json(&s);
             }
-            println!("{:<6} {:>12} {:>14} {:>10} {:>10} {:>10} {:>12}", "queue", "packets", "bytes", "drops", "kicks", "calls", "polls");
+            println!(
+                "{:<6} {:>12} {:>14} {:>10} {:>10} {:>10} {:>12}",
+                "queue", "packets", "bytes", "drops", "kicks", "calls", "polls"
+            );
             for (i, q) in s.queues.iter().enumerate() {
                 let name = match i {
                     0 => "rx0".to_string(),

@@ -1,0 +1,308 @@
+//! `vmdev-perf latency` and `vmdev-perf throughput`: frames through a net-loopback device
+//! with vmdev's own driver, followed by the floors measured on the same cores.
+
+use crate::floors::{self, fmt_ns, FloorResult};
+use crate::{hgrm, pin};
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use vmdev_proto::Uuid;
+use vmdev_tools::{NetDriver, NetDriverConfig, NotifyMode, TransportClient};
+
+/// Options shared by both benchmarks.
+#[derive(clap::Args, Debug)]
+pub struct Common {
+    /// The control plane's run directory.
+    #[arg(long, env = "VMDEV_RUN_DIR", default_value = "/run/vmdev")]
+    run_dir: PathBuf,
+    /// Device UUID (a started net-loopback device).
+    #[arg(short, long)]
+    uuid: Uuid,
+    /// Frame size in bytes (Ethernet header + payload, 60..=MTU+14).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// CPU to pin the driver to (default: a CPU other than the datapath's, if any).
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Sleep on the call eventfd instead of busy-polling the used ring.
+    #[arg(long)]
+    interrupts: bool,
+    /// Round trips per floor measurement (0 skips the floors).
+    #[arg(long, default_value_t = 20_000)]
+    floor_iters: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `vmdev-perf latency`.
+#[derive(clap::Args, Debug)]
+pub struct LatencyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Measured round trips (after 1,000 warm-up frames).
+    #[arg(long, default_value_t = 100_000)]
+    frames: u64,
+    /// Also write the histogram as an .hgrm file.
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+}
+
+/// Arguments of `vmdev-perf throughput`.
+#[derive(clap::Args, Debug)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Measuring time in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Frames queued per flush (one avail-index publish and at most one kick per batch).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+}
+
+struct Setup {
+    drv: NetDriver,
+    frame: Vec<u8>,
+    cpus: Option<(usize, usize)>,
+    parent: String,
+}
+
+fn setup(c: &Common) -> Result<Setup> {
+    let mut client = TransportClient::connect(&c.run_dir)?;
+    let dev = client
+        .list_devices()?
+        .into_iter()
+        .find(|d| d.uuid == c.uuid)
+        .with_context(|| format!("no device {}", c.uuid))?;
+    let dp_cpu = client
+        .list_types()?
+        .into_iter()
+        .find(|p| p.name == dev.parent)
+        .and_then(|p| p.cpu)
+        .map(|c| c as usize);
+    drop(client);
+    let allowed = pin::allowed_cpus().unwrap_or_default();
+    let my_cpu = c
+        .cpu
+        .or_else(|| allowed.iter().copied().find(|&x| Some(x) != dp_cpu));
+    if let Some(cpu) = my_cpu {
+        pin::pin_to_cpu(cpu).with_context(|| format!("pinning to cpu {cpu}"))?;
+    }
+    let cpus = match (my_cpu, dp_cpu) {
+        (Some(a), Some(b)) if a != b => Some((a, b)),
+        _ => pin::default_pair(),
+    };
+    let mode = if c.interrupts {
+        NotifyMode::Interrupt
+    } else {
+        NotifyMode::Poll
+    };
+    let drv = NetDriver::open(
+        &c.run_dir,
+        c.uuid,
+        NetDriverConfig {
+            mode,
+            ..Default::default()
+        },
+    )
+    .context("opening the device")?;
+    if c.size < 60 || c.size > drv.max_frame() {
+        bail!("--size must be in 60..={}", drv.max_frame());
+    }
+    let mut frame = vec![0u8; c.size];
+    frame[..6].copy_from_slice(&drv.mac());
+    frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    Ok(Setup {
+        drv,
+        frame,
+        cpus,
+        parent: dev.parent,
+    })
+}
+
+fn measure_floors(c: &Common, cpus: Option<(usize, usize)>) -> Result<Vec<FloorResult>> {
+    if c.floor_iters == 0 {
+        return Ok(Vec::new());
+    }
+    floors::run_all(c.floor_iters, cpus)
+}
+
+fn wait_one(drv: &mut NetDriver, buf: &mut Vec<u8>, deadline: Instant) -> Result<()> {
+    loop {
+        if drv.recv_into(buf)? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("a frame did not come back within 5 s (is the datapath running?)");
+        }
+        drv.wait_rx(Duration::from_millis(100))?;
+    }
+}
+
+/// Runs `vmdev-perf latency`.
+pub fn latency(a: &LatencyArgs) -> Result<()> {
+    let mut s = setup(&a.common)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut buf = Vec::new();
+    for i in 0..1000 + a.frames {
+        let t0 = Instant::now();
+        if !s.drv.send(&s.frame)? {
+            bail!("TX ring full with one frame in flight");
+        }
+        wait_one(&mut s.drv, &mut buf, t0 + Duration::from_secs(5))?;
+        let dt = t0.elapsed();
+        if buf.len() != s.frame.len() {
+            bail!(
+                "frame came back with {} bytes instead of {}",
+                buf.len(),
+                s.frame.len()
+            );
+        }
+        if i >= 1000 {
+            hist.saturating_record(dt.as_nanos() as u64);
+        }
+    }
+    drop(s.drv);
+    if let Some(path) = &a.hgrm {
+        std::fs::write(path, hgrm::render(&hist))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let fl = measure_floors(&a.common, s.cpus)?;
+    let pct = |q: f64| hist.value_at_quantile(q);
+    if a.common.json {
+        let floors_json = floors::to_json(&fl, a.common.floor_iters, s.cpus);
+        let ratios: Vec<_> = fl
+            .iter()
+            .map(|f| json!({ "floor": f.name, "p50_ratio": pct(0.5) as f64 / f.hist.value_at_quantile(0.5).max(1) as f64 }))
+            .collect();
+        let v = json!({
+            "benchmark": "latency", "frames": a.frames, "size": a.common.size, "parent": s.parent,
+            "cpus": s.cpus.map(|(x, y)| [x, y]), "interrupts": a.common.interrupts,
+            "p50_ns": pct(0.5), "p90_ns": pct(0.9), "p99_ns": pct(0.99), "p999_ns": pct(0.999),
+            "max_ns": hist.max(), "mean_ns": hist.mean(), "floors": floors_json, "ratios": ratios,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "latency: {} round trips of one {}-byte frame through {} on '{}' ({}; driver/datapath CPUs {:?})",
+        a.frames,
+        a.common.size,
+        a.common.uuid,
+        s.parent,
+        if a.common.interrupts { "interrupts" } else { "busy-polling" },
+        s.cpus
+    );
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "p50", "p90", "p99", "p99.9", "max"
+    );
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "vmdev",
+        fmt_ns(pct(0.5)),
+        fmt_ns(pct(0.9)),
+        fmt_ns(pct(0.99)),
+        fmt_ns(pct(0.999)),
+        fmt_ns(hist.max())
+    );
+    print_floors(&fl, pct(0.5) as f64, "p50 round trip");
+    Ok(())
+}
+
+fn print_floors(fl: &[FloorResult], ours_ns: f64, what: &str) {
+    if fl.is_empty() {
+        return;
+    }
+    for f in fl {
+        let p = f.percentiles();
+        println!(
+            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}   {what} = {:.2}x this floor",
+            format!("floor:{}", f.name),
+            fmt_ns(p.p50_ns),
+            fmt_ns(p.p90_ns),
+            fmt_ns(p.p99_ns),
+            fmt_ns(p.p999_ns),
+            fmt_ns(p.max_ns),
+            ours_ns / p.p50_ns.max(1) as f64
+        );
+    }
+}
+
+/// Runs `vmdev-perf throughput`.
+pub fn throughput(a: &ThroughputArgs) -> Result<()> {
+    let mut s = setup(&a.common)?;
+    let batch = a.batch.max(1);
+    let window = s.drv.max_in_flight() as u64;
+    let mut buf = Vec::new();
+    let (mut sent, mut got) = (0u64, 0u64);
+    let warmup_end = Instant::now() + Duration::from_millis(200);
+    let mut start: Option<(Instant, u64)> = None;
+    let measure = Duration::from_secs_f64(a.seconds.max(0.1));
+    let mut last_progress = Instant::now();
+    loop {
+        let now = Instant::now();
+        match start {
+            None if now >= warmup_end => start = Some((now, got)),
+            Some((t0, _)) if now - t0 >= measure => break,
+            _ => {}
+        }
+        let mut queued = 0;
+        while queued < batch && sent - got < window && s.drv.queue_frame(&s.frame)? {
+            sent += 1;
+            queued += 1;
+        }
+        s.drv.flush()?;
+        let before = got;
+        while s.drv.recv_into(&mut buf)? {
+            got += 1;
+        }
+        if got > before || queued > 0 {
+            last_progress = now;
+        } else {
+            if now - last_progress > Duration::from_secs(5) {
+                bail!("no progress for 5 s (is the datapath running?)");
+            }
+            s.drv.wait_rx(Duration::from_millis(100))?;
+        }
+    }
+    let Some((t0, got0)) = start else {
+        bail!("measurement never started")
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let frames = got - got0;
+    drop(s.drv);
+    let fps = frames as f64 / secs;
+    let gbps = fps * a.common.size as f64 * 8.0 / 1e9;
+    let ns_per_frame = 1e9 / fps.max(1.0);
+    let fl = measure_floors(&a.common, s.cpus)?;
+    if a.common.json {
+        let v = json!({
+            "benchmark": "throughput", "size": a.common.size, "batch": batch, "seconds": secs,
+            "frames": frames, "frames_per_s": fps, "gbit_per_s": gbps, "ns_per_frame": ns_per_frame,
+            "parent": s.parent, "cpus": s.cpus.map(|(x, y)| [x, y]), "interrupts": a.common.interrupts,
+            "floors": floors::to_json(&fl, a.common.floor_iters, s.cpus),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "throughput: {}-byte frames, batch {batch}, {:.1} s through '{}' ({}; driver/datapath CPUs {:?})",
+        a.common.size,
+        secs,
+        s.parent,
+        if a.common.interrupts { "interrupts" } else { "busy-polling" },
+        s.cpus
+    );
+    println!(
+        "vmdev      {:.3} Mframes/s round trip, {gbps:.2} Gbit/s, {} per frame",
+        fps / 1e6,
+        fmt_ns(ns_per_frame as u64)
+    );
+    print_floors(&fl, ns_per_frame, "time per frame");
+    Ok(())
+}
