@@ -221,7 +221,7 @@ fn print_floors(fl: &[FloorResult], ours_ns: f64, what: &str) {
     for f in fl {
         let p = f.percentiles();
         println!(
-            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}   {what} = {:.2}x this floor",
+            "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}   {what} = {:.3}x this floor",
             format!("floor:{}", f.name),
             fmt_ns(p.p50_ns),
             fmt_ns(p.p90_ns),

@@ -499,15 +499,13 @@ impl NetDriver {
     }
 
     /// In interrupt mode: sleeps until the device signals RX (or `timeout` passes), unless
-    /// frames are already waiting. Returns whether RX has something. In poll mode it only
-    /// checks.
+    /// frames are already waiting; returns whether RX has something. In poll mode it returns
+    /// `false` at once (the caller keeps polling with interrupts suppressed).
     pub fn wait_rx(&mut self, timeout: Duration) -> Result<bool, DriverError> {
         self.flush()?;
         if self.cfg.mode == NotifyMode::Poll {
-            return Ok(self.rx.enable_interrupts() || {
-                self.rx.disable_interrupts();
-                false
-            });
+            std::hint::spin_loop();
+            return Ok(false);
         }
         if self.rx.enable_interrupts() {
             return Ok(true);
