@@ -5,6 +5,7 @@
 //! * [`registry`]: parents (datapath processes), devices and who holds them.
 //! * [`parent`]: the link to one datapath process (numbered requests, replies, events).
 //! * [`server`]: the daemon: sockets, connections, and carrying out the model's actions.
+//! * [`vhost_user`]: the vhost-user front door (QEMU, DPDK virtio-user).
 
 pub mod model;
 pub mod parent;
@@ -12,3 +13,4 @@ pub mod profile;
 pub mod registry;
 pub mod server;
 pub mod sys;
+pub mod vhost_user;

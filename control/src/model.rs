@@ -10,10 +10,10 @@
 use crate::profile::DeviceProfile;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use vmdev_proto::datapath::{AttachSpec, QueueSpec, RegionSpec};
-use vmdev_proto::transport::{Reply, Request};
+use vmdev_proto::transport::{Reply, Request, VqState};
 use vmdev_proto::virtio::{features, status as st};
 use vmdev_proto::{ErrorCode, WireError};
-use vmdev_shm_ring::memory::{check_memfd, check_region_shape, MAX_REGIONS};
+use vmdev_shm_ring::memory::{check_memfd, check_region_shape, SealPolicy, MAX_REGIONS};
 use vmdev_shm_ring::SplitLayout;
 
 /// What the daemon must do with the outcome of a request.
@@ -36,6 +36,7 @@ struct Queue {
     driver: Option<u64>,
     device: Option<u64>,
     ready: bool,
+    state: VqState,
     kick: Option<OwnedFd>,
     call: Option<OwnedFd>,
 }
@@ -57,6 +58,7 @@ pub struct DeviceModel {
     regions: Vec<Region>,
     config_notify: Option<OwnedFd>,
     attached: bool,
+    seal_policy: SealPolicy,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> Step {
@@ -106,7 +108,14 @@ impl DeviceModel {
             regions: Vec::new(),
             config_notify: None,
             attached: false,
+            seal_policy: SealPolicy::Required,
         }
+    }
+
+    /// Accepts memory that is not sealed against shrinking (a trusted vhost-user front end).
+    pub fn trust_unsealed_memory(mut self) -> Self {
+        self.seal_policy = SealPolicy::Trusted;
+        self
     }
 
     /// The device's profile.
@@ -172,6 +181,14 @@ impl DeviceModel {
                 Ok(_) => value(self.profile.max_queue_size),
                 Err(e) => e,
             },
+            Request::GetQueueState { queue } => match self.queue_index(queue) {
+                Ok(i) => Step::Reply(Reply::QueueState(self.queues[i].state)),
+                Err(e) => e,
+            },
+            Request::SetQueueState { queue, state } => self.with_setup_queue(queue, |q, _| {
+                q.state = state;
+                ok()
+            }),
             Request::GetQueueReady { queue } => match self.queue_index(queue) {
                 Ok(i) => value(self.queues[i].ready as u8),
                 Err(e) => e,
@@ -332,7 +349,7 @@ impl DeviceModel {
             );
         }
         if let Err(e) = check_region_shape(spec.guest_addr, spec.size, spec.offset)
-            .and_then(|_| check_memfd(fd.as_fd(), spec.offset, spec.size))
+            .and_then(|_| check_memfd(fd.as_fd(), spec.offset, spec.size, self.seal_policy))
         {
             return err(ErrorCode::BadMemory, e.to_string());
         }
@@ -502,6 +519,7 @@ impl DeviceModel {
                 desc,
                 driver,
                 device,
+                state: q.state,
                 has_kick: true,
                 has_call: q.call.is_some(),
             });
@@ -510,6 +528,8 @@ impl DeviceModel {
             handle: 0,
             device_type: self.profile.type_name.clone(),
             features: self.driver_features,
+            num_queues: self.profile.num_queues,
+            trust_unsealed: self.seal_policy == SealPolicy::Trusted,
             regions: self.regions.iter().map(|r| r.spec).collect(),
             queues,
         })
@@ -537,9 +557,18 @@ impl DeviceModel {
         }
     }
 
-    /// The datapath no longer services the device (after a [`Step::Detach`]).
-    pub fn detached(&mut self) {
+    /// The datapath no longer services the device (after a [`Step::Detach`]); `states`
+    /// are where its queues stopped, kept for `GetQueueState` and the next attach.
+    pub fn detached(&mut self, states: &[(u16, VqState)]) {
         self.attached = false;
+        if self.status == 0 {
+            return; // detached by a reset: the queues start afresh
+        }
+        for &(i, st) in states {
+            if let Some(q) = self.queues.get_mut(i as usize) {
+                q.state = st;
+            }
+        }
     }
 
     /// The datapath dropped the device because the driver broke a ring: sets NEEDS_RESET
@@ -555,7 +584,9 @@ impl DeviceModel {
 
     /// Forgets the driver entirely (it went away): status, queues, memory, eventfds.
     pub fn release(&mut self) {
+        let policy = self.seal_policy;
         *self = DeviceModel::new(self.profile.clone());
+        self.seal_policy = policy;
     }
 }
 
@@ -795,7 +826,7 @@ mod tests {
             m.handle(Request::Reset, vec![]),
             Step::Detach(Reply::Ok)
         ));
-        m.detached();
+        m.detached(&[]);
         assert_eq!(m.status(), 0);
     }
 

@@ -26,6 +26,9 @@ pub struct DeviceProfile {
     pub required_queues: Vec<u16>,
 }
 
+/// Most queue pairs a net-loopback device may have.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+
 /// Name of the sample device type.
 pub const NET_LOOPBACK: &str = "net-loopback";
 
@@ -73,6 +76,7 @@ fn net_loopback(attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile,
     let mut mac = [0x52, 0x54, 0x00, s[0], s[1], s[2]];
     let mut mtu = net::DEFAULT_MTU;
     let mut qsize: u16 = 256;
+    let mut pairs: u16 = 1;
     for (k, v) in attrs {
         match k.as_str() {
             "mac" => mac = parse_mac(v)?,
@@ -91,9 +95,11 @@ fn net_loopback(attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile,
                     .ok_or_else(|| bad(format!("queue-size '{v}' is not a power of two up to 32768")))?
             }
             "queue-pairs" => {
-                if v != "1" {
-                    return Err(bad(format!("queue-pairs '{v}': only 1 queue pair is supported")));
-                }
+                pairs = v
+                    .parse()
+                    .ok()
+                    .filter(|p| (1..=MAX_QUEUE_PAIRS).contains(p))
+                    .ok_or_else(|| bad(format!("queue-pairs '{v}' is not a number in 1..={MAX_QUEUE_PAIRS}")))?
             }
             other => {
                 return Err(bad(format!(
@@ -107,7 +113,7 @@ fn net_loopback(attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile,
     config[net::CONFIG_STATUS..net::CONFIG_STATUS + 2]
         .copy_from_slice(&net::STATUS_LINK_UP.to_le_bytes());
     config[net::CONFIG_MAX_VQ_PAIRS..net::CONFIG_MAX_VQ_PAIRS + 2]
-        .copy_from_slice(&1u16.to_le_bytes());
+        .copy_from_slice(&pairs.to_le_bytes());
     config[net::CONFIG_MTU..net::CONFIG_MTU + 2].copy_from_slice(&mtu.to_le_bytes());
     Ok(DeviceProfile {
         type_name: NET_LOOPBACK.into(),
@@ -117,10 +123,13 @@ fn net_loopback(attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile,
             | f::NET_F_MAC
             | f::NET_F_MTU
             | f::NET_F_STATUS
+            | f::NET_F_MRG_RXBUF
+            | f::NET_F_CTRL_VQ
+            | f::NET_F_MQ
             | f::RING_EVENT_IDX
             | f::RING_INDIRECT_DESC,
         config,
-        num_queues: 2,
+        num_queues: 2 * pairs + 1,
         max_queue_size: qsize,
         required_queues: vec![net::RX_QUEUE, net::TX_QUEUE],
     })
@@ -145,5 +154,10 @@ mod tests {
         );
         let p = build(NET_LOOPBACK, &a("mtu", "9000"), 0).unwrap();
         assert_eq!(&p.config[10..12], &9000u16.to_le_bytes());
+        let p = build(NET_LOOPBACK, &a("queue-pairs", "4"), 0).unwrap();
+        assert_eq!(p.num_queues, 9, "4 pairs and a control queue");
+        assert_eq!(&p.config[8..10], &4u16.to_le_bytes());
+        assert!(build(NET_LOOPBACK, &a("queue-pairs", "0"), 0).is_err());
+        assert!(build(NET_LOOPBACK, &a("queue-pairs", "17"), 0).is_err());
     }
 }

@@ -28,6 +28,8 @@ pub struct Device {
     pub base_stats: DeviceStats,
     /// Set when the device was stopped; holders get `NoSuchDevice`.
     pub removed: bool,
+    /// The vhost-user front door, if the device has one.
+    pub door: Option<Arc<crate::vhost_user::Door>>,
 }
 
 /// A device entry as the registry indexes it.
@@ -112,6 +114,7 @@ impl Registry {
                     claimed: d.claimed_by.is_some(),
                     attached: d.model.is_attached(),
                     attrs: d.attrs.clone(),
+                    vhost_user: d.door.as_ref().map(|door| door.path.display().to_string()),
                 }
             })
             .collect();

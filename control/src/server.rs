@@ -7,6 +7,7 @@ use crate::parent::ParentLink;
 use crate::profile;
 use crate::registry::{lock, Device, Registry, Slot};
 use crate::sys;
+use crate::vhost_user::Door;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -86,6 +87,11 @@ impl Server {
         Ok(())
     }
 
+    /// A fresh connection id.
+    pub fn new_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Removes the socket files (on shutdown).
     pub fn cleanup(&self) {
         let _ = std::fs::remove_file(self.run_dir.join("control.sock"));
@@ -117,7 +123,7 @@ impl Server {
     }
 
     fn client_session(
-        &self,
+        self: &Arc<Self>,
         conn: u64,
         ch: &mut Channel,
         opened: &mut Option<Arc<Mutex<Device>>>,
@@ -158,7 +164,7 @@ impl Server {
     }
 
     fn client_request(
-        &self,
+        self: &Arc<Self>,
         conn: u64,
         req: Request,
         fds: Vec<OwnedFd>,
@@ -173,7 +179,8 @@ impl Server {
                 device_type,
                 uuid,
                 attrs,
-            } => self.start_device(&parent, &device_type, uuid, attrs),
+                vhost_user,
+            } => self.start_device(&parent, &device_type, uuid, attrs, vhost_user),
             Request::StopDevice { uuid } => self.stop_device(uuid),
             Request::GetStats { uuid } => self.stats(uuid),
             Request::Open { uuid } => self.open(conn, uuid, opened),
@@ -206,7 +213,7 @@ impl Server {
     }
 
     /// Runs one driver request through the device model and carries out its step.
-    fn drive(d: &mut Device, req: Request, fds: Vec<OwnedFd>) -> Reply {
+    pub(crate) fn drive(d: &mut Device, req: Request, fds: Vec<OwnedFd>) -> Reply {
         match d.model.handle(req, fds) {
             Step::Reply(r) => r,
             Step::Attach(mut spec) => {
@@ -238,16 +245,25 @@ impl Server {
     }
 
     /// Detaches a device from its datapath (if attached), keeping its final counters.
-    fn detach(d: &mut Device) {
+    pub(crate) fn detach(d: &mut Device) {
         if !d.model.is_attached() {
             return;
         }
-        match d.link.call(DpOp::Detach { handle: d.handle }, &[]) {
-            Ok(DpReply::Detached(stats)) => d.base_stats.add(&stats),
-            Ok(other) => tracing::warn!(uuid = %d.uuid, "detach answered {other:?}"),
-            Err(e) => tracing::warn!(uuid = %d.uuid, "detach failed: {e}"),
-        }
-        d.model.detached();
+        let states = match d.link.call(DpOp::Detach { handle: d.handle }, &[]) {
+            Ok(DpReply::Detached(stats, states)) => {
+                d.base_stats.add(&stats);
+                states
+            }
+            Ok(other) => {
+                tracing::warn!(uuid = %d.uuid, "detach answered {other:?}");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(uuid = %d.uuid, "detach failed: {e}");
+                Vec::new()
+            }
+        };
+        d.model.detached(&states);
     }
 
     fn open(&self, conn: u64, uuid: Uuid, opened: &mut Option<Arc<Mutex<Device>>>) -> Reply {
@@ -275,11 +291,12 @@ impl Server {
     }
 
     fn start_device(
-        &self,
+        self: &Arc<Self>,
         parent: &str,
         device_type: &str,
         uuid: Option<Uuid>,
         attrs: Vec<(String, String)>,
+        vhost_user: Option<String>,
     ) -> Reply {
         let uuid = uuid.unwrap_or_else(Uuid::new_v4);
         let mut reg = lock(&self.registry);
@@ -304,30 +321,92 @@ impl Server {
                 format!("parent '{parent}' has no free '{device_type}' instance (max {max})"),
             );
         }
-        let profile = match profile::build(device_type, &attrs, uuid.as_u128()) {
+        let mut device_attrs = attrs.clone();
+        let mut door_attrs = Vec::new();
+        device_attrs.retain(|(k, v)| {
+            let door = k == crate::vhost_user::ATTR_UNSEALED;
+            if door {
+                door_attrs.push((k.clone(), v.clone()));
+            }
+            !door
+        });
+        if let Some((_, v)) = door_attrs
+            .iter()
+            .find(|(_, v)| v != "accept" && v != "refuse")
+        {
+            return werr(
+                ErrorCode::BadArgument,
+                format!(
+                    "{}='{v}': use accept or refuse",
+                    crate::vhost_user::ATTR_UNSEALED
+                ),
+            );
+        }
+        if !door_attrs.is_empty() && vhost_user.is_none() {
+            return werr(
+                ErrorCode::BadArgument,
+                format!(
+                    "{} applies to vhost-user devices only",
+                    crate::vhost_user::ATTR_UNSEALED
+                ),
+            );
+        }
+        let profile = match profile::build(device_type, &device_attrs, uuid.as_u128()) {
             Ok(p) => p,
             Err(e) => return Reply::Error(e),
         };
+        let door = match vhost_user.map(PathBuf::from) {
+            Some(p) if !p.is_absolute() => {
+                return werr(
+                    ErrorCode::BadArgument,
+                    format!("vhost-user path '{}' must be absolute", p.display()),
+                )
+            }
+            Some(p) => match Door::bind(p.clone()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    return werr(
+                        ErrorCode::BadArgument,
+                        format!("cannot listen on {}: {e}", p.display()),
+                    )
+                }
+            },
+            None => None,
+        };
         let handle = reg.new_handle();
-        let dev = Device {
+        let dev = Arc::new(Mutex::new(Device {
             uuid,
             attrs,
-            model: DeviceModel::new(profile),
+            model: if door_attrs.iter().any(|(_, v)| v == "accept") {
+                DeviceModel::new(profile).trust_unsealed_memory()
+            } else {
+                DeviceModel::new(profile)
+            },
             handle,
             link,
             claimed_by: None,
             base_stats: DeviceStats::default(),
             removed: false,
-        };
+            door: door.clone(),
+        }));
         reg.handles.insert(handle, uuid);
         reg.devices.insert(
             uuid,
             Slot {
                 parent: parent.into(),
                 device_type: device_type.into(),
-                dev: Arc::new(Mutex::new(dev)),
+                dev: Arc::clone(&dev),
             },
         );
+        if let Some(door) = door {
+            let me = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("vhost-user".into())
+                .spawn(move || door.run(me, dev));
+            if let Err(e) = spawned {
+                tracing::error!("cannot start the vhost-user thread: {e}");
+            }
+        }
         tracing::info!(%uuid, parent, device_type, "device started");
         Reply::Started(uuid)
     }
@@ -339,6 +418,9 @@ impl Server {
         let mut d = lock(&slot.dev);
         Self::detach(&mut d);
         d.removed = true;
+        if let Some(door) = d.door.take() {
+            door.close();
+        }
         if d.claimed_by.is_some() {
             if let Some(fd) = d.model.device_failed() {
                 sys::signal_eventfd(fd);

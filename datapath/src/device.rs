@@ -7,8 +7,9 @@ use crossbeam_utils::CachePadded;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use vmdev_proto::datapath::AttachSpec;
-use vmdev_proto::transport::{DeviceStats, QueueStats};
+use vmdev_proto::transport::{DeviceStats, QueueStats, VqState};
 use vmdev_proto::{ErrorCode, WireError};
+use vmdev_shm_ring::memory::SealPolicy;
 use vmdev_shm_ring::split::RingFeatures;
 use vmdev_shm_ring::{DeviceQueue, GuestAddr, GuestMemory, RingError};
 
@@ -80,7 +81,12 @@ impl Device {
             let fd = fds
                 .next()
                 .ok_or_else(|| bad(ErrorCode::MissingFd, "missing region memfd"))?;
-            mem.add_region(fd, GuestAddr(r.guest_addr), r.size, r.offset)
+            let policy = if spec.trust_unsealed {
+                SealPolicy::Trusted
+            } else {
+                SealPolicy::Required
+            };
+            mem.add_region_with(fd, GuestAddr(r.guest_addr), r.size, r.offset, policy)
                 .map_err(|e| bad(ErrorCode::BadMemory, e))?;
         }
         let mem = Arc::new(mem);
@@ -97,7 +103,7 @@ impl Device {
                 ));
                 break;
             };
-            let ring = match DeviceQueue::new(
+            let mut ring = match DeviceQueue::new(
                 Arc::clone(&mem),
                 q.size,
                 GuestAddr(q.desc),
@@ -114,6 +120,11 @@ impl Device {
                     break;
                 }
             };
+            let VqState::Split {
+                avail_index,
+                used_index,
+            } = q.state;
+            ring.set_indices(avail_index, used_index);
             let kick_slot = match uring.arm_kick(kick.as_fd()) {
                 Ok(Some(s)) => s,
                 Ok(None) => {
@@ -140,7 +151,9 @@ impl Device {
             });
         }
         let backend = result.and_then(|_| match spec.device_type.as_str() {
-            "net-loopback" => NetLoopback::new(&queues).map(Backend::NetLoopback),
+            "net-loopback" => {
+                NetLoopback::new(&queues, spec.features, spec.num_queues).map(Backend::NetLoopback)
+            }
             t => Err(bad(
                 ErrorCode::NoSuchType,
                 format!("this datapath has no type '{t}'"),
@@ -202,6 +215,20 @@ impl Device {
             }
         }
         s
+    }
+
+    /// Where each queue stands, by queue index (every popped chain is already completed).
+    pub fn states(&self) -> Vec<(u16, VqState)> {
+        self.queues
+            .iter()
+            .map(|q| {
+                let st = VqState::Split {
+                    avail_index: q.ring.next_avail(),
+                    used_index: q.ring.next_used(),
+                };
+                (q.index, st)
+            })
+            .collect()
     }
 
     /// Stops watching the device's eventfds; the device can then be dropped.

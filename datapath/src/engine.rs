@@ -199,7 +199,7 @@ impl Engine {
                 let mut dev = self.devices.swap_remove(self.position(handle)?);
                 dev.release(&mut self.uring);
                 tracing::info!(handle, "device detached");
-                Ok(DpReply::Detached(dev.stats()))
+                Ok(DpReply::Detached(dev.stats(), dev.states()))
             }
             DpOp::Stats { handle } => {
                 Ok(DpReply::Stats(self.devices[self.position(handle)?].stats()))

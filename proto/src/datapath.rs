@@ -3,7 +3,11 @@
 //! requests (attach, detach, stats) that the datapath answers in order; the datapath may
 //! also send [`DpEvent`]s at any time.
 
-use crate::{error::WireError, transport::DeviceStats, Hello};
+use crate::{
+    error::WireError,
+    transport::{DeviceStats, VqState},
+    Hello,
+};
 use serde::{Deserialize, Serialize};
 
 /// Control plane → datapath.
@@ -49,8 +53,12 @@ pub struct AttachSpec {
     pub device_type: String,
     /// Negotiated feature bits.
     pub features: u64,
+    /// Number of virtqueues the device has (attached or not).
+    pub num_queues: u16,
     /// Driver memory regions.
     pub regions: Vec<RegionSpec>,
+    /// Accept region memfds that are not sealed against shrinking (trusted front end).
+    pub trust_unsealed: bool,
     /// Ready queues.
     pub queues: Vec<QueueSpec>,
 }
@@ -79,6 +87,8 @@ pub struct QueueSpec {
     pub driver: u64,
     /// Device (used) ring address.
     pub device: u64,
+    /// Where the ring resumes.
+    pub state: VqState,
     /// Whether a kick eventfd follows.
     pub has_kick: bool,
     /// Whether a call eventfd follows.
@@ -115,8 +125,8 @@ pub enum FromDatapath {
 pub enum DpReply {
     /// Attached.
     Attached,
-    /// Detached; final counters.
-    Detached(DeviceStats),
+    /// Detached; final counters and where each queue stopped (by queue index).
+    Detached(DeviceStats, Vec<(u16, VqState)>),
     /// Live counters.
     Stats(DeviceStats),
 }

@@ -21,8 +21,11 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this build speaks; a peer with another major version is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-/// Protocol feature bits this build understands (none defined yet in version 1).
-pub const PROTOCOL_FEATURES: u64 = 0;
+/// Protocol feature: `SetQueueState` / `GetQueueState` (virtqueue state get/set).
+pub const PROTO_F_VQ_STATE: u64 = 1 << 0;
+
+/// Protocol feature bits this build understands.
+pub const PROTOCOL_FEATURES: u64 = PROTO_F_VQ_STATE;
 
 /// The first message on every connection, in both directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

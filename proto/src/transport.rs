@@ -28,6 +28,8 @@ pub enum Request {
         uuid: Option<Uuid>,
         /// Attributes such as `mac`, `mtu`, `queue-size`.
         attrs: Vec<(String, String)>,
+        /// Also serve the device as a vhost-user backend on this socket path.
+        vhost_user: Option<String>,
     },
     /// Removes a device (its driver, if any, loses it).
     StopDevice {
@@ -119,6 +121,18 @@ pub enum Request {
         /// Queue index.
         queue: u16,
     },
+    /// Where a queue resumes (before DRIVER_OK; default: a fresh queue at 0).
+    SetQueueState {
+        /// Queue index.
+        queue: u16,
+        /// Ring position.
+        state: VqState,
+    },
+    /// Where a queue stands (its state when the device last stopped, or as set).
+    GetQueueState {
+        /// Queue index.
+        queue: u16,
+    },
     /// Eventfd the driver writes to kick the queue *(+1 fd)*.
     SetQueueKick {
         /// Queue index.
@@ -166,8 +180,32 @@ pub enum Reply {
     Started(Uuid),
     /// Counters.
     Stats(DeviceStats),
+    /// A queue's ring position.
+    QueueState(VqState),
     /// The request failed.
     Error(WireError),
+}
+
+/// Where a virtqueue stands, so it can stop and resume (here or on another datapath)
+/// without losing or repeating a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VqState {
+    /// Split ring: next avail entry the device consumes, next used entry it writes.
+    Split {
+        /// Next avail index.
+        avail_index: u16,
+        /// Next used index.
+        used_index: u16,
+    },
+}
+
+impl Default for VqState {
+    fn default() -> Self {
+        VqState::Split {
+            avail_index: 0,
+            used_index: 0,
+        }
+    }
 }
 
 /// One parent (datapath process) and what it offers.
@@ -211,6 +249,8 @@ pub struct DeviceInfo {
     pub attached: bool,
     /// Attributes it was created with.
     pub attrs: Vec<(String, String)>,
+    /// vhost-user socket path, if the device has that front door.
+    pub vhost_user: Option<String>,
 }
 
 /// Counters of one virtqueue.

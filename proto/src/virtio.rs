@@ -27,6 +27,10 @@ pub mod features {
     pub const NET_F_MAC: u64 = 1 << 5;
     /// virtio-net: the driver can merge receive buffers.
     pub const NET_F_MRG_RXBUF: u64 = 1 << 15;
+    /// virtio-net: a control virtqueue exists.
+    pub const NET_F_CTRL_VQ: u64 = 1 << 17;
+    /// virtio-net: several queue pairs (with CTRL_VQ).
+    pub const NET_F_MQ: u64 = 1 << 22;
     /// virtio-net: config space has a link status field.
     pub const NET_F_STATUS: u64 = 1 << 16;
     /// Indirect descriptor tables.

@@ -153,14 +153,29 @@ impl Chain {
         if self.readable_len > dst.writable_len {
             return None;
         }
+        Some(self.copy_part_to(0, dst))
+    }
+
+    /// Copies readable bytes of `self` from `offset` on into the writable segments of
+    /// `dst`, as many as fit; returns the count (for frames spread over several buffers).
+    pub fn copy_part_to(&self, offset: u32, dst: &Chain) -> u32 {
+        let mut skip = offset as usize;
         let mut dsegs = dst.segs[dst.readable..].iter();
         let mut d = dsegs.next().copied();
         let mut d_off = 0usize;
+        let mut done = 0usize;
         for s in &self.segs[..self.readable] {
-            let mut s_off = 0usize;
             let s_len = s.len as usize;
+            if skip >= s_len {
+                skip -= s_len;
+                continue;
+            }
+            let mut s_off = skip;
+            skip = 0;
             while s_off < s_len {
-                let cur = d?;
+                let Some(cur) = d else {
+                    return done as u32;
+                };
                 let room = cur.len as usize - d_off;
                 if room == 0 {
                     d = dsegs.next().copied();
@@ -169,15 +184,17 @@ impl Chain {
                 }
                 let n = room.min(s_len - s_off);
                 // SAFETY: both ranges were translated within live mappings kept alive by
-                // the chains' `mem`; `ptr::copy` tolerates overlap a hostile driver may
-                // arrange between a TX buffer and an RX buffer.
+                // the chains' `mem`, and `s_off + n <= s.len`, `d_off + n <= cur.len`;
+                // `ptr::copy` tolerates overlap a hostile driver may arrange between a TX
+                // buffer and an RX buffer.
                 unsafe {
                     std::ptr::copy(s.ptr.as_ptr().add(s_off), cur.ptr.as_ptr().add(d_off), n)
                 };
                 s_off += n;
                 d_off += n;
+                done += n;
             }
         }
-        Some(self.readable_len)
+        done as u32
     }
 }

@@ -56,9 +56,24 @@ impl std::fmt::Debug for GuestMemory {
     }
 }
 
-/// Checks that `fd` is a memfd sealed against shrinking and at least `offset + size` long;
+/// Whether a region's memfd must be sealed against shrinking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SealPolicy {
+    /// F_SEAL_SHRINK is required (the default: a driver cannot SIGBUS whoever maps it).
+    #[default]
+    Required,
+    /// The owner is trusted not to truncate the memfd (front ends that cannot seal).
+    Trusted,
+}
+
+/// Checks that `fd` is a memfd sealed against shrinking (unless `policy` trusts it) and at least `offset + size` long;
 /// the control plane calls this when a region arrives, the datapath again when mapping.
-pub fn check_memfd(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), MemError> {
+pub fn check_memfd(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    size: u64,
+    policy: SealPolicy,
+) -> Result<(), MemError> {
     // SAFETY: F_GET_SEALS only reads the fd's seal set.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 {
@@ -66,7 +81,7 @@ pub fn check_memfd(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), Mem
             std::io::Error::last_os_error().to_string(),
         ));
     }
-    if seals & libc::F_SEAL_SHRINK == 0 {
+    if seals & libc::F_SEAL_SHRINK == 0 && policy == SealPolicy::Required {
         return Err(MemError::NotSealed);
     }
     let needed = offset
@@ -134,8 +149,20 @@ impl GuestMemory {
         size: u64,
         offset: u64,
     ) -> Result<(), MemError> {
+        self.add_region_with(fd, guest_addr, size, offset, SealPolicy::Required)
+    }
+
+    /// Like [`GuestMemory::add_region`], with an explicit seal policy.
+    pub fn add_region_with(
+        &mut self,
+        fd: OwnedFd,
+        guest_addr: GuestAddr,
+        size: u64,
+        offset: u64,
+        policy: SealPolicy,
+    ) -> Result<(), MemError> {
         check_region_shape(guest_addr.0, size, offset)?;
-        check_memfd(fd.as_fd(), offset, size)?;
+        check_memfd(fd.as_fd(), offset, size, policy)?;
         if self.regions.len() >= MAX_REGIONS {
             return Err(MemError::BadRegion(format!(
                 "more than {MAX_REGIONS} regions"

@@ -278,6 +278,15 @@ impl DeviceQueue {
         self.next_used
     }
 
+    /// Resumes a queue that already ran: the next avail entry to consume and the next used
+    /// entry to write (what a stopped device reported, or what a front end restored).
+    pub fn set_indices(&mut self, next_avail: u16, next_used: u16) {
+        self.next_avail = next_avail;
+        self.avail_cache = next_avail;
+        self.next_used = next_used;
+        self.signalled_used = None;
+    }
+
     fn load_avail(&mut self) -> Result<u16, RingError> {
         let now = self.rings.avail_idx().load(Ordering::Acquire);
         if now.wrapping_sub(self.next_avail) > self.rings.size {

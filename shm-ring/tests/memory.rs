@@ -6,24 +6,26 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use std::fs::File;
 use std::os::fd::AsFd;
-use vmdev_shm_ring::memory::{check_memfd, check_region_shape, MAX_REGIONS, REGION_ALIGN};
+use vmdev_shm_ring::memory::{
+    check_memfd, check_region_shape, SealPolicy, MAX_REGIONS, REGION_ALIGN,
+};
 use vmdev_shm_ring::split::{RingFeatures, SplitLayout};
 use vmdev_shm_ring::{create_sealed_memfd, GuestAddr, GuestMemory, MemError};
 
 #[test]
 fn sealed_memfd_cannot_change_size() {
     let fd = create_sealed_memfd("seal", 8192).unwrap();
-    check_memfd(fd.as_fd(), 0, 8192).unwrap();
-    check_memfd(fd.as_fd(), 4096, 4096).unwrap();
+    check_memfd(fd.as_fd(), 0, 8192, SealPolicy::Required).unwrap();
+    check_memfd(fd.as_fd(), 4096, 4096, SealPolicy::Required).unwrap();
     assert_eq!(
-        check_memfd(fd.as_fd(), 4096, 8192),
+        check_memfd(fd.as_fd(), 4096, 8192, SealPolicy::Required),
         Err(MemError::TooSmall {
             file_len: 8192,
             needed: 12288
         })
     );
     assert!(matches!(
-        check_memfd(fd.as_fd(), u64::MAX, 2),
+        check_memfd(fd.as_fd(), u64::MAX, 2, SealPolicy::Required),
         Err(MemError::BadRegion(_))
     ));
     let f = File::from(fd);

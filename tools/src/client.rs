@@ -107,12 +107,14 @@ impl TransportClient {
         device_type: &str,
         uuid: Option<Uuid>,
         attrs: Vec<(String, String)>,
+        vhost_user: Option<&str>,
     ) -> Result<Uuid, ProtoError> {
         let req = Request::StartDevice {
             parent: parent.into(),
             device_type: device_type.into(),
             uuid,
             attrs,
+            vhost_user: vhost_user.map(str::to_string),
         };
         match self.request(&req, &[])? {
             Reply::Started(u) => Ok(u),

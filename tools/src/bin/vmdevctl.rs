@@ -40,6 +40,9 @@ enum Cmd {
         /// Attributes, e.g. `mac=52:54:00:00:00:01,queue-size=256` (repeatable).
         #[arg(long)]
         attr: Vec<String>,
+        /// Also serve the device as a vhost-user backend listening on this socket path.
+        #[arg(long, value_name = "PATH")]
+        vhost_user: Option<PathBuf>,
     },
     /// Stop (remove) a device.
     Stop {
@@ -105,8 +108,12 @@ fn main() -> anyhow::Result<()> {
             }
             for d in devices {
                 let attrs: Vec<String> = d.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let door = d
+                    .vhost_user
+                    .map(|p| format!(" vhost-user={p}"))
+                    .unwrap_or_default();
                 println!(
-                    "{} {} {} status={:#04x}{}{} {}",
+                    "{} {} {} status={:#04x}{}{} {}{door}",
                     d.uuid,
                     d.parent,
                     d.device_type,
@@ -122,8 +129,20 @@ fn main() -> anyhow::Result<()> {
             device_type,
             uuid,
             attr,
+            vhost_user,
         } => {
-            let uuid = c.start_device(&parent, &device_type, uuid, parse_attrs(&attr)?)?;
+            let vhost_user = match vhost_user {
+                Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+                other => other,
+            };
+            let path = vhost_user.map(|p| p.to_string_lossy().into_owned());
+            let uuid = c.start_device(
+                &parent,
+                &device_type,
+                uuid,
+                parse_attrs(&attr)?,
+                path.as_deref(),
+            )?;
             if cli.json {
                 return print_json(&serde_json::json!({ "uuid": uuid }));
             }
@@ -145,10 +164,13 @@ fn main() -> anyhow::Result<()> {
                 "queue", "packets", "bytes", "drops", "kicks", "calls", "polls"
             );
             for (i, q) in s.queues.iter().enumerate() {
-                let name = match i {
-                    0 => "rx0".to_string(),
-                    1 => "tx0".to_string(),
-                    n => format!("q{n}"),
+                let n = s.queues.len();
+                let name = if n % 2 == 1 && i == n - 1 {
+                    "ctrl".to_string()
+                } else if i % 2 == 0 {
+                    format!("rx{}", i / 2)
+                } else {
+                    format!("tx{}", i / 2)
                 };
                 println!(
                     "{name:<6} {:>12} {:>14} {:>10} {:>10} {:>10} {:>12}",
