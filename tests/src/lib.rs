@@ -120,10 +120,20 @@ impl Daemons {
 
     /// Starts a net-loopback device on `parent` with vmdevctl; returns its UUID.
     pub fn start_device(&self, parent: &str, attrs: &[&str]) -> Uuid {
+        self.start_device_with(parent, attrs, None)
+    }
+
+    /// Starts a net-loopback device, optionally with a vhost-user socket at `vhost_user`.
+    pub fn start_device_with(&self, parent: &str, attrs: &[&str], vhost_user: Option<&Path>) -> Uuid {
         let mut args = vec!["--json", "start", "-p", parent, "-t", "net-loopback"];
         for a in attrs {
             args.push("--attr");
             args.push(a);
+        }
+        let path = vhost_user.map(|p| p.display().to_string());
+        if let Some(p) = &path {
+            args.push("--vhost-user");
+            args.push(p);
         }
         let out = self.vmdevctl(&args);
         assert!(
