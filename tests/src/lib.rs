@@ -124,7 +124,12 @@ impl Daemons {
     }
 
     /// Starts a net-loopback device, optionally with a vhost-user socket at `vhost_user`.
-    pub fn start_device_with(&self, parent: &str, attrs: &[&str], vhost_user: Option<&Path>) -> Uuid {
+    pub fn start_device_with(
+        &self,
+        parent: &str,
+        attrs: &[&str],
+        vhost_user: Option<&Path>,
+    ) -> Uuid {
         let mut args = vec!["--json", "start", "-p", parent, "-t", "net-loopback"];
         for a in attrs {
             args.push("--attr");
@@ -205,4 +210,22 @@ pub fn make_frame(mac: [u8; 6], seq: u64, len: usize) -> Vec<u8> {
 pub fn frame_seq(f: &[u8]) -> Option<u64> {
     f.get(14..22)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+}
+
+/// Finds an external program (DPDK, QEMU) on PATH. When it is missing the test is skipped
+/// with a message — unless `VMDEV_REQUIRE_EXTERNAL=1` (set by CI), then it fails.
+pub fn external_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("VMDEV_REQUIRE_EXTERNAL").as_deref() != Ok("1"),
+            "{name} is required (VMDEV_REQUIRE_EXTERNAL=1) but not installed"
+        );
+        eprintln!("SKIPPED: {name} is not installed (bash .ci/run installs it)");
+    }
+    found
 }
