@@ -235,6 +235,8 @@ pub struct Session {
     rings: Vec<Ring>,
     status: u8,
     running: Option<Vec<usize>>,
+    /// The rings whose start the device refused; not retried until the setup changes.
+    failed: Option<Vec<usize>>,
     dirty: bool,
     accept_unsealed: bool,
 }
@@ -266,6 +268,7 @@ impl Session {
             rings: (0..n).map(|_| Ring::default()).collect(),
             status: 0,
             running: None,
+            failed: None,
             dirty: false,
             accept_unsealed,
         }
@@ -587,10 +590,12 @@ impl Session {
             Err(MemError::NotSealed) if self.accept_unsealed => {
                 tracing::debug!("accepting unsealed memory at {gpa:#x} ({ATTR_UNSEALED}=accept)")
             }
-            Err(MemError::NotSealed) => return Err(VuError::Invalid(format!(
+            Err(MemError::NotSealed) => {
+                return Err(VuError::Invalid(format!(
                 "memory region at {gpa:#x} is not sealed against shrinking and cannot be sealed; \
                      start the device with --attr {ATTR_UNSEALED}=accept to trust this front end"
-            ))),
+            )))
+            }
             Err(e) => return Err(VuError::Invalid(format!("memory region at {gpa:#x}: {e}"))),
         }
         if uaddr.checked_add(size).is_none() {
@@ -658,12 +663,18 @@ impl Session {
     /// Starts, stops or restarts the device so it matches what the front end set up.
     fn reconcile(&mut self) -> Result<(), VuError> {
         let want = self.desired();
+        if self.dirty || want != self.failed {
+            self.failed = None;
+        }
         if self.running.is_some() && (self.dirty || want != self.running) {
             self.stop();
         }
         self.dirty = false;
-        if let (None, Some(set)) = (&self.running, want) {
-            self.start(&set)?;
+        if let (None, None, Some(set)) = (&self.running, &self.failed, want) {
+            if let Err(e) = self.start(&set) {
+                self.failed = Some(set);
+                return Err(e);
+            }
             self.running = Some(set);
         }
         Ok(())

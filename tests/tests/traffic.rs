@@ -7,8 +7,13 @@ use vmdev_tools::{NetDriver, NetDriverConfig, NotifyMode, TxLayout};
 /// Sends `n` frames of pseudo-random sizes 60..=1514 with at most `max_in_flight` outstanding,
 /// checks each one comes back byte-identical and in order; returns bytes of frame payload.
 fn run_traffic(drv: &mut NetDriver, n: u64, seed: u64) -> u64 {
-    let mac = drv.mac();
     let window = drv.max_in_flight() as u64;
+    run_traffic_window(drv, n, seed, window)
+}
+
+/// [`run_traffic`] with at most `window` frames in flight.
+fn run_traffic_window(drv: &mut NetDriver, n: u64, seed: u64, window: u64) -> u64 {
+    let mac = drv.mac();
     let mut rng = seed | 1;
     let mut size_of = |_: u64| {
         rng ^= rng << 13;
@@ -137,4 +142,26 @@ fn interrupt_mode_with_event_idx_works() {
     let mut drv = NetDriver::open(&d.run_dir, uuid, cfg).expect("driver");
     let bytes = run_traffic(&mut drv, 5_000, 9);
     check_counters(&d, &drv, 5_000, bytes);
+}
+
+#[test]
+fn frames_span_small_rx_buffers_with_mrg_rxbuf() {
+    let mut d = Daemons::start();
+    d.add_datapath("dp0");
+    let uuid = d.start_device("dp0", &["queue-size=256"]);
+    let cfg = NetDriverConfig {
+        mrg_rxbuf: true,
+        rx_buffer_size: 256,
+        tx_layout: TxLayout::Mixed,
+        ..Default::default()
+    };
+    let mut drv = NetDriver::open(&d.run_dir, uuid, cfg).expect("driver");
+    assert_ne!(
+        drv.features() & vmdev_proto::virtio::features::NET_F_MRG_RXBUF,
+        0,
+        "MRG_RXBUF negotiated"
+    );
+    // A 1514-byte frame takes up to 7 RX buffers of 256 bytes: keep the window small enough.
+    let bytes = run_traffic_window(&mut drv, 20_000, 11, 24);
+    check_counters(&d, &drv, 20_000, bytes);
 }

@@ -82,6 +82,10 @@ pub struct NetDriverConfig {
     pub mode: NotifyMode,
     /// TX chain shape.
     pub tx_layout: TxLayout,
+    /// Negotiate MRG_RXBUF if offered (a frame may then span several RX buffers).
+    pub mrg_rxbuf: bool,
+    /// RX buffer size in bytes (0: room for a whole frame; at least 64 otherwise).
+    pub rx_buffer_size: u32,
 }
 
 impl Default for NetDriverConfig {
@@ -92,6 +96,8 @@ impl Default for NetDriverConfig {
             indirect: true,
             mode: NotifyMode::Poll,
             tx_layout: TxLayout::Contiguous,
+            mrg_rxbuf: false,
+            rx_buffer_size: 0,
         }
     }
 }
@@ -170,6 +176,9 @@ impl NetDriver {
         if cfg.indirect {
             want |= f::RING_INDIRECT_DESC;
         }
+        if cfg.mrg_rxbuf {
+            want |= f::NET_F_MRG_RXBUF;
+        }
         let features = want & offered;
         if features & f::VERSION_1 == 0 {
             return Err(DriverError::Device(
@@ -214,7 +223,20 @@ impl NetDriver {
         }
         // Memory: [rx rings][tx rings][rx buffers][tx buffers], each part 4 KiB aligned.
         let frame_room = round_up(net::HDR_LEN as u64 + 14 + mtu as u64, 64);
-        let rx_buf = frame_room;
+        let rx_buf = match cfg.rx_buffer_size {
+            0 => frame_room,
+            n if n < 64 => {
+                return Err(DriverError::Device(format!(
+                    "RX buffers of {n} bytes are too small"
+                )))
+            }
+            n if features & f::NET_F_MRG_RXBUF == 0 && (n as u64) < frame_room => {
+                return Err(DriverError::Device(format!(
+                    "RX buffers of {n} bytes need MRG_RXBUF"
+                )))
+            }
+            n => n as u64,
+        };
         let tx_buf = TX_TABLE + frame_room;
         let mut off = 0u64;
         let mut rings = [RingAddrs {
@@ -486,12 +508,45 @@ impl NetDriver {
                 self.rx_buf
             )));
         }
-        let addr = self.rx_base + buf as u64 * self.rx_buf + net::HDR_LEN as u64;
+        let base = self.rx_base + buf as u64 * self.rx_buf;
+        let mut hdr = [0u8; net::HDR_LEN];
+        self.mem
+            .read(GuestAddr(base), &mut hdr)
+            .map_err(RingError::from)?;
         out.resize(len as usize - net::HDR_LEN, 0);
         self.mem
-            .read(GuestAddr(addr), out)
+            .read(GuestAddr(base + net::HDR_LEN as u64), out)
             .map_err(RingError::from)?;
         self.post_rx(buf)?;
+        if self.features & f::NET_F_MRG_RXBUF != 0 {
+            let n = u16::from_le_bytes([hdr[net::HDR_NUM_BUFFERS], hdr[net::HDR_NUM_BUFFERS + 1]]);
+            if n == 0 || n > self.rings[0].size {
+                return Err(DriverError::Device(format!(
+                    "num_buffers {n} in a merged RX header"
+                )));
+            }
+            for _ in 1..n {
+                let Some((head, len)) = self.rx.pop_used()? else {
+                    return Err(DriverError::Device(
+                        "merged frame: the device published too few buffers".into(),
+                    ));
+                };
+                let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
+                if len as u64 > self.rx_buf {
+                    return Err(DriverError::Device(format!(
+                        "RX used length {len} over {}",
+                        self.rx_buf
+                    )));
+                }
+                let at = out.len();
+                out.resize(at + len as usize, 0);
+                let addr = GuestAddr(self.rx_base + buf as u64 * self.rx_buf);
+                self.mem
+                    .read(addr, &mut out[at..])
+                    .map_err(RingError::from)?;
+                self.post_rx(buf)?;
+            }
+        }
         if self.rx_unpublished >= self.rx_publish_batch {
             self.flush_rx()?;
         }

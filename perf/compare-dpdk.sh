@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One command: DPDK's own vhost-user loopback vs vmdev, back to back, same cores, same
+# frame sizes. In both cases the client is testpmd with the virtio-user PMD (io forwarding,
+# `start tx_first`) on CPU 1; the backend is either testpmd's vhost PMD (io forwarding) or
+# vmdev-datapath, both on CPU 0. Reports the client's per-second Rx-pps (= round-trip rate):
+# median of each run, then median and spread over runs, and the ratio vmdev/DPDK.
+#
+# usage: perf/compare-dpdk.sh [RUNS=3] [SECONDS=8] [SIZES="64 1518"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3}; SECS=${2:-8}; SIZES=${3:-"64 1518"}
+command -v dpdk-testpmd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev >/dev/null; }
+cargo build --release -q --workspace --bins
+B=$PWD/target/release
+W=$(mktemp -d /tmp/vmdev-compare.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+# client SOCK SIZE -> prints the median Rx-pps of seconds 3..SECS
+client() {
+  local sock=$1 size=$2 out=$W/client.log
+  sleep "$SECS" | timeout $((SECS + 30)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci --no-huge -m 1024 \
+    --file-prefix=vmdev-cmp-vu --vdev "net_virtio_user0,path=$sock,queues=1" -- \
+    --forward-mode=io --auto-start --tx-first --nb-cores=1 --txpkts="$size" \
+    --total-num-mbufs=4096 --stats-period 1 >"$out" 2>&1 || true
+  grep -o 'Rx-pps: *[0-9]*' "$out" | awk '{print $2}' | tail -n +3 | sort -n |
+    awk '{a[NR]=$1} END {if (NR==0) print 0; else print a[int((NR+1)/2)]}'
+}
+
+run_dpdk() {
+  local size=$1 sock=$W/dpdk.sock
+  rm -f "$sock"
+  # testpmd exits when its stdin closes: keep it open for the run.
+  dpdk-testpmd -l 0,1 --main-lcore 1 --no-pci --no-huge -m 1024 \
+    --file-prefix=vmdev-cmp-vh --vdev "net_vhost0,iface=$sock,queues=1" -- --forward-mode=io \
+    --auto-start --nb-cores=1 --total-num-mbufs=4096 < <(sleep $((SECS + 60))) >"$W/vhost.log" 2>&1 &
+  local pid=$!; PIDS+=("$pid")
+  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+  client "$sock" "$size"
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+run_vmdev() {
+  local size=$1 run=$W/run sock=$W/run/vu.sock
+  mkdir -p "$run"
+  VMDEV_LOG=warn "$B/vmdev-control" --run-dir "$run" & local ctl=$!; PIDS+=("$ctl")
+  for _ in $(seq 100); do [ -S "$run/control.sock" ] && break; sleep 0.05; done
+  VMDEV_LOG=warn "$B/vmdev-datapath" --run-dir "$run" --name dp0 --cpu 0 & local dp=$!; PIDS+=("$dp")
+  for _ in $(seq 100); do "$B/vmdevctl" --run-dir "$run" types 2>/dev/null | grep -q '^dp0' && break; sleep 0.05; done
+  "$B/vmdevctl" --run-dir "$run" start -p dp0 -t net-loopback --vhost-user "$sock" \
+    --attr unsealed-memory=accept >/dev/null
+  client "$sock" "$size"
+  kill "$ctl" 2>/dev/null; wait "$ctl" "$dp" 2>/dev/null || true
+  rm -rf "$run"
+}
+
+stats() { # values... -> "median min max"
+  printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)], a[1], a[NR]}'
+}
+
+echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r)"
+echo "client: testpmd virtio-user io/tx_first on CPU 1; backend on CPU 0; $RUNS runs x ${SECS}s, Rx-pps median of seconds 3..$SECS"
+printf '%-6s %-26s %-26s %s\n' size "DPDK vhost Mpps (min-max)" "vmdev Mpps (min-max)" "vmdev/DPDK"
+for size in $SIZES; do
+  d=(); v=()
+  for _ in $(seq "$RUNS"); do
+    d+=("$(run_dpdk "$size")")
+    v+=("$(run_vmdev "$size")")
+  done
+  read -r dm dlo dhi <<<"$(stats "${d[@]}")"
+  read -r vm vlo vhi <<<"$(stats "${v[@]}")"
+  awk -v s="$size" -v dm="$dm" -v dlo="$dlo" -v dhi="$dhi" -v vm="$vm" -v vlo="$vlo" -v vhi="$vhi" 'BEGIN {
+    printf "%-6s %6.2f (%5.2f-%5.2f)         %6.2f (%5.2f-%5.2f)         %.2f\n",
+      s, dm/1e6, dlo/1e6, dhi/1e6, vm/1e6, vlo/1e6, vhi/1e6, (dm > 0 ? vm/dm : 0) }'
+done
