@@ -535,6 +535,18 @@ impl DeviceModel {
         })
     }
 
+    /// Attaches a running device again (on another datapath) where its queues stopped:
+    /// `None` unless the driver set DRIVER_OK and the device is currently detached.
+    pub fn reattach_spec(&self) -> Option<Result<AttachSpec, WireError>> {
+        (self.status & st::DRIVER_OK != 0 && self.status & st::NEEDS_RESET == 0 && !self.attached)
+            .then(|| self.attach_spec())
+    }
+
+    /// The device was attached again after [`DeviceModel::reattach_spec`].
+    pub fn reattached(&mut self) {
+        self.attached = true;
+    }
+
     /// The fds that go with the [`AttachSpec`] of the last [`Step::Attach`], in wire order.
     pub fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
         let mut v: Vec<BorrowedFd<'_>> = self.regions.iter().map(|r| r.fd.as_fd()).collect();

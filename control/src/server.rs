@@ -182,6 +182,7 @@ impl Server {
                 vhost_user,
             } => self.start_device(&parent, &device_type, uuid, attrs, vhost_user),
             Request::StopDevice { uuid } => self.stop_device(uuid),
+            Request::MigrateDevice { uuid, to } => self.migrate(uuid, &to),
             Request::GetStats { uuid } => self.stats(uuid),
             Request::Open { uuid } => self.open(conn, uuid, opened),
             req => {
@@ -409,6 +410,102 @@ impl Server {
         }
         tracing::info!(%uuid, parent, device_type, "device started");
         Reply::Started(uuid)
+    }
+
+    /// Moves a device to parent `to`; a running device keeps its driver, rings, memory and
+    /// eventfds and sees no reset. On failure it goes back where it was.
+    fn migrate(&self, uuid: Uuid, to: &str) -> Reply {
+        let (slot, target) = {
+            let mut reg = lock(&self.registry);
+            let Some(slot) = reg.devices.get(&uuid).cloned() else {
+                return werr(ErrorCode::NoSuchDevice, format!("no device {uuid}"));
+            };
+            let Some(target) = reg.parents.get(to).cloned() else {
+                return werr(ErrorCode::NoSuchParent, format!("no parent named '{to}'"));
+            };
+            if slot.parent == to {
+                return Reply::Ok;
+            }
+            let max = target
+                .types
+                .iter()
+                .find(|(t, _)| *t == slot.device_type)
+                .map(|(_, m)| *m);
+            match max {
+                None => {
+                    return werr(
+                        ErrorCode::NoSuchType,
+                        format!("parent '{to}' does not offer '{}'", slot.device_type),
+                    )
+                }
+                Some(m) if reg.used(to, &slot.device_type) >= m => {
+                    return werr(
+                        ErrorCode::NoCapacity,
+                        format!("parent '{to}' has no free '{}' instance", slot.device_type),
+                    )
+                }
+                Some(_) => {}
+            }
+            if let Some(s) = reg.devices.get_mut(&uuid) {
+                s.parent = to.to_string();
+            }
+            (slot, target)
+        };
+        let mut d = lock(&slot.dev);
+        let was_attached = d.model.is_attached();
+        Self::detach(&mut d);
+        let old = std::mem::replace(&mut d.link, target);
+        if !was_attached {
+            tracing::info!(%uuid, to, "device moved (not running)");
+            return Reply::Ok;
+        }
+        match Self::reattach(&mut d) {
+            Ok(()) => {
+                tracing::info!(%uuid, from = %old.name, to, "device migrated");
+                Reply::Ok
+            }
+            Err(e) => {
+                tracing::warn!(%uuid, to, "migration failed, going back to '{}': {e}", old.name);
+                d.link = old;
+                let back = Self::reattach(&mut d);
+                let name = d.link.name.clone();
+                drop(d);
+                if let Some(s) = lock(&self.registry).devices.get_mut(&uuid) {
+                    s.parent = name;
+                }
+                match back {
+                    Ok(()) => Reply::Error(e),
+                    Err(e2) => Reply::Error(WireError::new(
+                        ErrorCode::Datapath,
+                        format!("{e}; and back: {e2}"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Attaches a detached running device to its (new) link at its stored ring positions.
+    fn reattach(d: &mut Device) -> Result<(), WireError> {
+        let Some(spec) = d.model.reattach_spec() else {
+            return Ok(());
+        };
+        let mut spec = spec?;
+        spec.handle = d.handle;
+        let res = {
+            let fds = d.model.attach_fds();
+            d.link.call(DpOp::Attach(spec), &fds)
+        };
+        match res {
+            Ok(DpReply::Attached) => {
+                d.model.reattached();
+                Ok(())
+            }
+            Ok(other) => Err(WireError::new(
+                ErrorCode::Internal,
+                format!("datapath answered {other:?}"),
+            )),
+            Err(e) => Err(e),
+        }
     }
 
     fn stop_device(&self, uuid: Uuid) -> Reply {

@@ -61,9 +61,11 @@ impl Engine {
         let mut spins: u32 = 0;
         loop {
             let work = self.poll_devices()?;
-            self.handle_events()?;
+            let control = self.handle_events()?;
             self.uring.submit()?;
-            if work > 0 {
+            // A freshly attached device is polled for a whole spin before kicks are
+            // relied on: a kick sent during the hand-over may have gone to the old datapath.
+            if work > 0 || control {
                 spins = 0;
                 last_work = Instant::now();
                 continue;
@@ -123,8 +125,10 @@ impl Engine {
         Ok(!pending)
     }
 
-    fn handle_events(&mut self) -> Result<(), EngineError> {
+    /// Handles completions; returns whether a control message was processed.
+    fn handle_events(&mut self) -> Result<bool, EngineError> {
         self.uring.drain(&mut self.events)?;
+        let mut control = false;
         let events = std::mem::take(&mut self.events);
         for ev in &events {
             match *ev {
@@ -137,12 +141,15 @@ impl Engine {
                         q.stats.kicks += 1;
                     }
                 }
-                Event::Control => self.control_readable()?,
+                Event::Control => {
+                    self.control_readable()?;
+                    control = true;
+                }
             }
         }
         self.events = events;
         self.events.clear();
-        Ok(())
+        Ok(control)
     }
 
     fn control_readable(&mut self) -> Result<(), EngineError> {
@@ -155,6 +162,10 @@ impl Engine {
             match msg {
                 ToDatapath::Request { seq, op } => {
                     let result = self.op(op, fds);
+                    // A detached device's kick reads must be cancelled before the control
+                    // plane hands its eventfds to another datapath, or a stale read could
+                    // swallow a kick meant for the new one.
+                    self.uring.submit()?;
                     self.control
                         .send(&FromDatapath::Reply { seq, result }, &[])?;
                 }

@@ -36,6 +36,14 @@ pub enum Request {
         /// Which device.
         uuid: Uuid,
     },
+    /// Moves a device to another parent while its driver keeps running: the device is
+    /// detached where it runs and attached on `to` at the same ring positions.
+    MigrateDevice {
+        /// Which device.
+        uuid: Uuid,
+        /// Target parent.
+        to: String,
+    },
     /// Reads a device's per-queue counters.
     GetStats {
         /// Which device.

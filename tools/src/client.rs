@@ -122,6 +122,17 @@ impl TransportClient {
         }
     }
 
+    /// Moves a device to another parent (live, if a driver runs it).
+    pub fn migrate_device(&mut self, uuid: Uuid, to: &str) -> Result<(), ProtoError> {
+        self.ok(
+            &Request::MigrateDevice {
+                uuid,
+                to: to.into(),
+            },
+            &[],
+        )
+    }
+
     /// Removes a device.
     pub fn stop_device(&mut self, uuid: Uuid) -> Result<(), ProtoError> {
         self.ok(&Request::StopDevice { uuid }, &[])

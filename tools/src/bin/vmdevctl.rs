@@ -50,6 +50,15 @@ enum Cmd {
         #[arg(short, long)]
         uuid: Uuid,
     },
+    /// Move a device to another parent; a running device keeps its driver and rings.
+    Migrate {
+        /// Device UUID.
+        #[arg(short, long)]
+        uuid: Uuid,
+        /// Target parent.
+        #[arg(long)]
+        to: String,
+    },
     /// Show a device's per-queue counters.
     Stats {
         /// Device UUID.
@@ -152,6 +161,12 @@ fn main() -> anyhow::Result<()> {
             c.stop_device(uuid)?;
             if cli.json {
                 return print_json(&serde_json::json!({ "stopped": uuid }));
+            }
+        }
+        Cmd::Migrate { uuid, to } => {
+            c.migrate_device(uuid, &to)?;
+            if cli.json {
+                return print_json(&serde_json::json!({ "migrated": uuid, "to": to }));
             }
         }
         Cmd::Stats { uuid } => {
