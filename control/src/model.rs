@@ -58,6 +58,7 @@ pub struct DeviceModel {
     regions: Vec<Region>,
     config_notify: Option<OwnedFd>,
     attached: bool,
+    suspended: bool,
     seal_policy: SealPolicy,
 }
 
@@ -108,6 +109,7 @@ impl DeviceModel {
             regions: Vec::new(),
             config_notify: None,
             attached: false,
+            suspended: false,
             seal_policy: SealPolicy::Required,
         }
     }
@@ -126,6 +128,11 @@ impl DeviceModel {
     /// Current status byte.
     pub fn status(&self) -> u8 {
         self.status
+    }
+
+    /// Whether the driver suspended the device.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
     }
 
     /// Whether the datapath is servicing the device.
@@ -176,6 +183,30 @@ impl DeviceModel {
                 ok()
             }
             Request::SetStatus(0) | Request::Reset => self.reset(),
+            Request::Suspend => {
+                if self.status & st::DRIVER_OK == 0 {
+                    return err(
+                        ErrorCode::BadState,
+                        "only a running device (DRIVER_OK) can be suspended",
+                    );
+                }
+                let was = std::mem::replace(&mut self.suspended, true);
+                if !was && self.attached {
+                    Step::Detach(Reply::Ok)
+                } else {
+                    ok()
+                }
+            }
+            Request::Resume => {
+                if !std::mem::replace(&mut self.suspended, false) {
+                    return ok();
+                }
+                match self.attach_spec() {
+                    Ok(spec) if self.status & st::NEEDS_RESET == 0 => Step::Attach(spec),
+                    Ok(_) => ok(),
+                    Err(e) => Step::Reply(Reply::Error(e)),
+                }
+            }
             Request::SetStatus(s) => self.set_status(s),
             Request::GetQueueMaxSize { queue } => match self.queue_index(queue) {
                 Ok(_) => value(self.profile.max_queue_size),
@@ -185,6 +216,15 @@ impl DeviceModel {
                 Ok(i) => Step::Reply(Reply::QueueState(self.queues[i].state)),
                 Err(e) => e,
             },
+            Request::SetQueueState { queue, state } if self.suspended => {
+                match self.queue_index(queue) {
+                    Ok(i) => {
+                        self.queues[i].state = state;
+                        ok()
+                    }
+                    Err(e) => e,
+                }
+            }
             Request::SetQueueState { queue, state } => self.with_setup_queue(queue, |q, _| {
                 q.state = state;
                 ok()
@@ -371,6 +411,7 @@ impl DeviceModel {
     fn reset(&mut self) -> Step {
         let was_attached = self.attached;
         self.status = 0;
+        self.suspended = false;
         self.driver_features = 0;
         for q in &mut self.queues {
             *q = Queue::default();
@@ -538,7 +579,10 @@ impl DeviceModel {
     /// Attaches a running device again (on another datapath) where its queues stopped:
     /// `None` unless the driver set DRIVER_OK and the device is currently detached.
     pub fn reattach_spec(&self) -> Option<Result<AttachSpec, WireError>> {
-        (self.status & st::DRIVER_OK != 0 && self.status & st::NEEDS_RESET == 0 && !self.attached)
+        (self.status & st::DRIVER_OK != 0
+            && self.status & st::NEEDS_RESET == 0
+            && !self.attached
+            && !self.suspended)
             .then(|| self.attach_spec())
     }
 

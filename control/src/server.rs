@@ -87,6 +87,23 @@ impl Server {
         Ok(())
     }
 
+    /// The protocol feature a request needs, if the connection did not negotiate it.
+    fn missing_feature(req: &Request, negotiated: u64) -> Option<WireError> {
+        let (bit, name) = match req {
+            Request::SetQueueState { .. } | Request::GetQueueState { .. } => {
+                (vmdev_proto::PROTO_F_VQ_STATE, "PROTO_F_VQ_STATE")
+            }
+            Request::Suspend | Request::Resume => (vmdev_proto::PROTO_F_SUSPEND, "PROTO_F_SUSPEND"),
+            _ => return None,
+        };
+        (negotiated & bit == 0).then(|| {
+            WireError::new(
+                ErrorCode::BadState,
+                format!("{req:?} needs protocol feature {name}, not negotiated in Hello"),
+            )
+        })
+    }
+
     /// A fresh connection id.
     pub fn new_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
@@ -129,6 +146,7 @@ impl Server {
         opened: &mut Option<Arc<Mutex<Device>>>,
     ) -> Result<(), ProtoError> {
         let (first, fds) = ch.recv::<Request>()?;
+        let mut features = 0;
         let hello = match first {
             Request::Hello(h) if fds.is_empty() => Hello::negotiate(h),
             _ => Err(WireError::new(
@@ -137,7 +155,10 @@ impl Server {
             )),
         };
         match hello {
-            Ok(h) => ch.send(&Reply::Hello(h), &[])?,
+            Ok(h) => {
+                features = h.features;
+                ch.send(&Reply::Hello(h), &[])?
+            }
             Err(e) => {
                 let msg = e.message.clone();
                 ch.send(&Reply::Error(e), &[])?;
@@ -157,7 +178,10 @@ impl Server {
                     format!("this request carries {want} fd(s), {} arrived", fds.len()),
                 )
             } else {
-                self.client_request(conn, req, fds, opened)
+                match Self::missing_feature(&req, features) {
+                    Some(e) => Reply::Error(e),
+                    None => self.client_request(conn, req, fds, opened),
+                }
             };
             ch.send(&reply, &[])?;
         }

@@ -24,8 +24,11 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Protocol feature: `SetQueueState` / `GetQueueState` (virtqueue state get/set).
 pub const PROTO_F_VQ_STATE: u64 = 1 << 0;
 
+/// Protocol feature: `Suspend` / `Resume`.
+pub const PROTO_F_SUSPEND: u64 = 1 << 1;
+
 /// Protocol feature bits this build understands.
-pub const PROTOCOL_FEATURES: u64 = PROTO_F_VQ_STATE;
+pub const PROTOCOL_FEATURES: u64 = PROTO_F_VQ_STATE | PROTO_F_SUSPEND;
 
 /// The first message on every connection, in both directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -129,7 +129,13 @@ pub enum Request {
         /// Queue index.
         queue: u16,
     },
-    /// Where a queue resumes (before DRIVER_OK; default: a fresh queue at 0).
+    /// Stops the device between chains: it finishes what it started, then writes nothing
+    /// to driver memory and sends no notification until `Resume` *(PROTO_F_SUSPEND)*.
+    Suspend,
+    /// Lets a suspended device run again from where its queues stand *(PROTO_F_SUSPEND)*.
+    Resume,
+    /// Where a queue resumes (before DRIVER_OK or while suspended; default: 0)
+    /// *(PROTO_F_VQ_STATE)*.
     SetQueueState {
         /// Queue index.
         queue: u16,

@@ -31,7 +31,11 @@ fn device_migrates_back_and_forth_under_load_without_losing_a_frame() {
         let mut moves = 0u64;
         while moves < MOVES && !fin.load(Ordering::Acquire) {
             if p.load(Ordering::Acquire) >= moves * (FRAMES / MOVES) {
-                let to = if moves.is_multiple_of(2) { "dp1" } else { "dp0" };
+                let to = if moves.is_multiple_of(2) {
+                    "dp1"
+                } else {
+                    "dp0"
+                };
                 c.migrate_device(uuid, to).expect("migrate");
                 let dev = c
                     .list_devices()

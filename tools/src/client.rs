@@ -133,6 +133,27 @@ impl TransportClient {
         )
     }
 
+    /// Suspends the opened device (it keeps its rings; nothing is written meanwhile).
+    pub fn suspend(&mut self) -> Result<(), ProtoError> {
+        self.ok(&Request::Suspend, &[])
+    }
+
+    /// Resumes the opened device.
+    pub fn resume(&mut self) -> Result<(), ProtoError> {
+        self.ok(&Request::Resume, &[])
+    }
+
+    /// Where a queue of the opened device stands.
+    pub fn queue_state(
+        &mut self,
+        queue: u16,
+    ) -> Result<vmdev_proto::transport::VqState, ProtoError> {
+        match self.request(&Request::GetQueueState { queue }, &[])? {
+            Reply::QueueState(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// Removes a device.
     pub fn stop_device(&mut self, uuid: Uuid) -> Result<(), ProtoError> {
         self.ok(&Request::StopDevice { uuid }, &[])
