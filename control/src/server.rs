@@ -146,7 +146,6 @@ impl Server {
         opened: &mut Option<Arc<Mutex<Device>>>,
     ) -> Result<(), ProtoError> {
         let (first, fds) = ch.recv::<Request>()?;
-        let mut features = 0;
         let hello = match first {
             Request::Hello(h) if fds.is_empty() => Hello::negotiate(h),
             _ => Err(WireError::new(
@@ -154,17 +153,17 @@ impl Server {
                 "the first message must be Hello",
             )),
         };
-        match hello {
+        let features = match hello {
             Ok(h) => {
-                features = h.features;
-                ch.send(&Reply::Hello(h), &[])?
+                ch.send(&Reply::Hello(h), &[])?;
+                h.features
             }
             Err(e) => {
                 let msg = e.message.clone();
                 ch.send(&Reply::Error(e), &[])?;
                 return Err(ProtoError::Handshake(msg));
             }
-        }
+        };
         loop {
             let (req, fds) = ch.recv::<Request>()?;
             let want = expected_fds(&req);
