@@ -1,12 +1,14 @@
 //! vmdev control plane.
 //!
 //! * [`profile`]: what each device type offers (ids, features, config space, queues).
+//! * [`defined`]: persistent device definitions (mdevctl `define`).
 //! * [`model`]: one device as a sans-IO state machine (request in → reply or action out).
 //! * [`registry`]: parents (datapath processes), devices and who holds them.
 //! * [`parent`]: the link to one datapath process (numbered requests, replies, events).
 //! * [`server`]: the daemon: sockets, connections, and carrying out the model's actions.
 //! * [`vhost_user`]: the vhost-user front door (QEMU, DPDK virtio-user).
 
+pub mod defined;
 pub mod model;
 pub mod parent;
 pub mod profile;

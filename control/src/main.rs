@@ -12,6 +12,9 @@ struct Args {
     /// Directory for control.sock and datapath.sock (created mode 0700 if missing).
     #[arg(long)]
     run_dir: PathBuf,
+    /// Directory for persistent state (devices.toml of defined devices); default: the run dir.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -23,7 +26,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let server = Server::new(args.run_dir.clone());
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| args.run_dir.clone());
+    let server =
+        Server::new(args.run_dir.clone(), &state_dir).context("loading defined devices")?;
     let on_signal = std::sync::Arc::clone(&server);
     vmdev_control::sys::on_termination(move || on_signal.cleanup())
         .context("installing signal handling")?;

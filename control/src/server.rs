@@ -2,6 +2,7 @@
 //! `datapath.sock` (parents), one thread per connection, and carries out what the device
 //! model asks for.
 
+use crate::defined::{DefinedError, Definitions};
 use crate::model::{DeviceModel, Step};
 use crate::parent::ParentLink;
 use crate::profile;
@@ -16,13 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 use vmdev_proto::datapath::{DpEvent, DpOp, DpReply, FromDatapath, ToDatapath};
-use vmdev_proto::transport::{DeviceStats, Reply, Request};
+use vmdev_proto::transport::{DefinedDevice, DeviceStats, Reply, Request};
 use vmdev_proto::virtio::status as st;
 use vmdev_proto::{Channel, ErrorCode, Hello, ProtoError, WireError};
 
 /// The daemon's shared state.
 pub struct Server {
     run_dir: PathBuf,
+    defined: Mutex<Definitions>,
     registry: Mutex<Registry>,
     next_conn: AtomicU64,
 }
@@ -66,12 +68,13 @@ fn expected_fds(req: &Request) -> usize {
 
 impl Server {
     /// A daemon serving `run_dir`.
-    pub fn new(run_dir: PathBuf) -> Arc<Self> {
-        Arc::new(Server {
+    pub fn new(run_dir: PathBuf, state_dir: &Path) -> Result<Arc<Self>, DefinedError> {
+        Ok(Arc::new(Server {
             run_dir,
+            defined: Mutex::new(Definitions::load(state_dir)?),
             registry: Mutex::new(Registry::default()),
             next_conn: AtomicU64::new(1),
-        })
+        }))
     }
 
     /// Binds both sockets and serves until the process ends.
@@ -85,6 +88,63 @@ impl Server {
             .spawn(move || accept_loop(parents, me, Server::serve_parent))?;
         accept_loop(clients, Arc::clone(self), Server::serve_client);
         Ok(())
+    }
+
+    /// Validates and saves a definition.
+    fn define(&self, def: DefinedDevice) -> Reply {
+        if def.uuid.is_nil() {
+            return werr(ErrorCode::BadArgument, "a defined device needs a UUID");
+        }
+        let device_attrs: Vec<(String, String)> = def
+            .attrs
+            .iter()
+            .filter(|(k, _)| k != crate::vhost_user::ATTR_UNSEALED)
+            .cloned()
+            .collect();
+        if let Err(e) = profile::build(&def.device_type, &device_attrs, 0) {
+            return Reply::Error(e);
+        }
+        if def
+            .vhost_user
+            .as_deref()
+            .is_some_and(|p| !Path::new(p).is_absolute())
+        {
+            return werr(
+                ErrorCode::BadArgument,
+                "the vhost-user path must be absolute",
+            );
+        }
+        match lock(&self.defined).define(def) {
+            Ok(()) => Reply::Ok,
+            Err(e) => werr(ErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    /// Starts the `auto` devices defined on a parent that just registered.
+    fn start_auto(self: &Arc<Self>, parent: &str) {
+        let defs: Vec<DefinedDevice> = lock(&self.defined)
+            .list()
+            .iter()
+            .filter(|d| d.auto && d.parent == parent)
+            .cloned()
+            .collect();
+        for def in defs {
+            if lock(&self.registry).devices.contains_key(&def.uuid) {
+                continue;
+            }
+            match self.start_device(
+                &def.parent,
+                &def.device_type,
+                Some(def.uuid),
+                def.attrs,
+                def.vhost_user,
+            ) {
+                Reply::Error(e) => tracing::warn!(uuid = %def.uuid, "auto-start failed: {e}"),
+                _ => {
+                    tracing::info!(uuid = %def.uuid, parent, "defined device started automatically")
+                }
+            }
+        }
     }
 
     /// The protocol feature a request needs, if the connection did not negotiate it.
@@ -205,6 +265,25 @@ impl Server {
                 vhost_user,
             } => self.start_device(&parent, &device_type, uuid, attrs, vhost_user),
             Request::StopDevice { uuid } => self.stop_device(uuid),
+            Request::DefineDevice(def) => self.define(def),
+            Request::UndefineDevice { uuid } => match lock(&self.defined).undefine(&uuid) {
+                Ok(true) => Reply::Ok,
+                Ok(false) => werr(ErrorCode::NoSuchDevice, format!("no defined device {uuid}")),
+                Err(e) => werr(ErrorCode::Internal, e.to_string()),
+            },
+            Request::ListDefined => Reply::Defined(lock(&self.defined).list().to_vec()),
+            Request::StartDefined { uuid } => {
+                let Some(def) = lock(&self.defined).get(&uuid).cloned() else {
+                    return werr(ErrorCode::NoSuchDevice, format!("no defined device {uuid}"));
+                };
+                self.start_device(
+                    &def.parent,
+                    &def.device_type,
+                    Some(uuid),
+                    def.attrs,
+                    def.vhost_user,
+                )
+            }
             Request::MigrateDevice { uuid, to } => self.migrate(uuid, &to),
             Request::GetStats { uuid } => self.stats(uuid),
             Request::Open { uuid } => self.open(conn, uuid, opened),
@@ -586,6 +665,7 @@ impl Server {
             Err(e) => return tracing::warn!(pid, "datapath registration failed: {e}"),
         };
         tracing::info!(parent = %link.name, pid, cpu = ?link.cpu, "datapath registered");
+        self.start_auto(&link.name);
         let err = loop {
             match ch.recv::<FromDatapath>() {
                 Ok((FromDatapath::Reply { seq, result }, _)) => link.complete(seq, result),

@@ -31,6 +31,21 @@ pub enum Request {
         /// Also serve the device as a vhost-user backend on this socket path.
         vhost_user: Option<String>,
     },
+    /// Defines a device persistently (started now only if `StartDevice` follows, or when its
+    /// parent registers if `auto`).
+    DefineDevice(DefinedDevice),
+    /// Removes a definition (a running device keeps running).
+    UndefineDevice {
+        /// Which device.
+        uuid: Uuid,
+    },
+    /// Lists defined devices.
+    ListDefined,
+    /// Starts a defined device from its definition.
+    StartDefined {
+        /// Which device.
+        uuid: Uuid,
+    },
     /// Removes a device (its driver, if any, loses it).
     StopDevice {
         /// Which device.
@@ -196,6 +211,8 @@ pub enum Reply {
     Stats(DeviceStats),
     /// A queue's ring position.
     QueueState(VqState),
+    /// Defined devices.
+    Defined(Vec<DefinedDevice>),
     /// The request failed.
     Error(WireError),
 }
@@ -220,6 +237,23 @@ impl Default for VqState {
             used_index: 0,
         }
     }
+}
+
+/// A persistent device definition (mdevctl `define`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefinedDevice {
+    /// Device UUID.
+    pub uuid: Uuid,
+    /// Parent to start it on.
+    pub parent: String,
+    /// Device type.
+    pub device_type: String,
+    /// Attributes.
+    pub attrs: Vec<(String, String)>,
+    /// vhost-user socket path, if any.
+    pub vhost_user: Option<String>,
+    /// Start automatically when the parent registers.
+    pub auto: bool,
 }
 
 /// One parent (datapath process) and what it offers.

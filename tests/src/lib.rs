@@ -154,6 +154,31 @@ impl Daemons {
             .expect("uuid in vmdevctl output")
     }
 
+    /// Kills the control plane and its datapaths, then starts a new control plane on the
+    /// same run directory (its state, such as defined devices, survives).
+    pub fn restart_control(&mut self) {
+        let _ = self.control.kill();
+        let _ = self.control.wait();
+        for (_, c) in &mut self.datapaths {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.datapaths.clear();
+        self.control = Command::new(bin_path("vmdev-control"))
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .env(
+                "VMDEV_LOG",
+                std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn vmdev-control");
+        wait_until("control.sock", STARTUP, || {
+            TransportClient::connect(&self.run_dir).is_ok()
+        });
+    }
+
     /// Whether the control plane process is still running.
     pub fn control_alive(&mut self) -> bool {
         matches!(self.control.try_wait(), Ok(None))

@@ -154,6 +154,37 @@ impl TransportClient {
         }
     }
 
+    /// Saves a device definition.
+    pub fn define_device(
+        &mut self,
+        def: vmdev_proto::transport::DefinedDevice,
+    ) -> Result<(), ProtoError> {
+        self.ok(&Request::DefineDevice(def), &[])
+    }
+
+    /// Removes a device definition.
+    pub fn undefine_device(&mut self, uuid: Uuid) -> Result<(), ProtoError> {
+        self.ok(&Request::UndefineDevice { uuid }, &[])
+    }
+
+    /// Defined devices.
+    pub fn list_defined(
+        &mut self,
+    ) -> Result<Vec<vmdev_proto::transport::DefinedDevice>, ProtoError> {
+        match self.request(&Request::ListDefined, &[])? {
+            Reply::Defined(d) => Ok(d),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Starts a defined device.
+    pub fn start_defined(&mut self, uuid: Uuid) -> Result<Uuid, ProtoError> {
+        match self.request(&Request::StartDefined { uuid }, &[])? {
+            Reply::Started(u) => Ok(u),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// Removes a device.
     pub fn stop_device(&mut self, uuid: Uuid) -> Result<(), ProtoError> {
         self.ok(&Request::StopDevice { uuid }, &[])

@@ -24,16 +24,20 @@ struct Cli {
 enum Cmd {
     /// List parents (datapaths) and the device types they offer.
     Types,
-    /// List devices.
-    List,
-    /// Create and start a device on a parent.
+    /// List devices (or, with --defined, device definitions).
+    List {
+        /// Show definitions instead of running devices.
+        #[arg(long)]
+        defined: bool,
+    },
+    /// Create and start a device on a parent (or start a defined device: `start -u UUID`).
     Start {
-        /// Parent name.
+        /// Parent name (omit with -u to start a defined device).
         #[arg(short, long)]
-        parent: String,
+        parent: Option<String>,
         /// Device type.
         #[arg(short = 't', long = "type")]
-        device_type: String,
+        device_type: Option<String>,
         /// Device UUID (random if omitted).
         #[arg(short, long)]
         uuid: Option<Uuid>,
@@ -43,6 +47,33 @@ enum Cmd {
         /// Also serve the device as a vhost-user backend listening on this socket path.
         #[arg(long, value_name = "PATH")]
         vhost_user: Option<PathBuf>,
+    },
+    /// Define a device persistently (kept in the control plane's devices.toml).
+    Define {
+        /// Parent name.
+        #[arg(short, long)]
+        parent: String,
+        /// Device type.
+        #[arg(short = 't', long = "type")]
+        device_type: String,
+        /// Device UUID (random if omitted).
+        #[arg(short, long)]
+        uuid: Option<Uuid>,
+        /// Attributes (repeatable).
+        #[arg(long)]
+        attr: Vec<String>,
+        /// vhost-user socket path.
+        #[arg(long, value_name = "PATH")]
+        vhost_user: Option<PathBuf>,
+        /// Start it whenever its parent registers.
+        #[arg(long)]
+        auto: bool,
+    },
+    /// Remove a device definition.
+    Undefine {
+        /// Device UUID.
+        #[arg(short, long)]
+        uuid: Uuid,
     },
     /// Stop (remove) a device.
     Stop {
@@ -82,6 +113,15 @@ fn parse_attrs(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// Makes a socket path absolute (the control plane may run elsewhere).
+fn absolute(p: Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    Ok(match p {
+        Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+        other => other,
+    }
+    .map(|p| p.to_string_lossy().into_owned()))
+}
+
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -110,7 +150,28 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::List => {
+        Cmd::List { defined: true } => {
+            let defs = c.list_defined()?;
+            if cli.json {
+                return print_json(&defs);
+            }
+            for d in defs {
+                let attrs: Vec<String> = d.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let door = d
+                    .vhost_user
+                    .map(|p| format!(" vhost-user={p}"))
+                    .unwrap_or_default();
+                let auto = if d.auto { " auto" } else { "" };
+                println!(
+                    "{} {} {}{auto} {}{door}",
+                    d.uuid,
+                    d.parent,
+                    d.device_type,
+                    attrs.join(",")
+                );
+            }
+        }
+        Cmd::List { defined: false } => {
             let devices = c.list_devices()?;
             if cli.json {
                 return print_json(&devices);
@@ -134,17 +195,29 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Start {
+            parent: None,
+            device_type: None,
+            uuid: Some(uuid),
+            attr,
+            vhost_user: None,
+        } if attr.is_empty() => {
+            let uuid = c.start_defined(uuid)?;
+            if cli.json {
+                return print_json(&serde_json::json!({ "uuid": uuid }));
+            }
+            println!("{uuid}");
+        }
+        Cmd::Start {
             parent,
             device_type,
             uuid,
             attr,
             vhost_user,
         } => {
-            let vhost_user = match vhost_user {
-                Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
-                other => other,
+            let (Some(parent), Some(device_type)) = (parent, device_type) else {
+                bail!("start needs -p PARENT and -t TYPE (or only -u UUID of a defined device)");
             };
-            let path = vhost_user.map(|p| p.to_string_lossy().into_owned());
+            let path = absolute(vhost_user)?;
             let uuid = c.start_device(
                 &parent,
                 &device_type,
@@ -156,6 +229,35 @@ fn main() -> anyhow::Result<()> {
                 return print_json(&serde_json::json!({ "uuid": uuid }));
             }
             println!("{uuid}");
+        }
+        Cmd::Define {
+            parent,
+            device_type,
+            uuid,
+            attr,
+            vhost_user,
+            auto,
+        } => {
+            let uuid = uuid.unwrap_or_else(Uuid::new_v4);
+            let def = vmdev_proto::transport::DefinedDevice {
+                uuid,
+                parent,
+                device_type,
+                attrs: parse_attrs(&attr)?,
+                vhost_user: absolute(vhost_user)?,
+                auto,
+            };
+            c.define_device(def)?;
+            if cli.json {
+                return print_json(&serde_json::json!({ "uuid": uuid }));
+            }
+            println!("{uuid}");
+        }
+        Cmd::Undefine { uuid } => {
+            c.undefine_device(uuid)?;
+            if cli.json {
+                return print_json(&serde_json::json!({ "undefined": uuid }));
+            }
         }
         Cmd::Stop { uuid } => {
             c.stop_device(uuid)?;
