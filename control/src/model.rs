@@ -130,6 +130,58 @@ impl DeviceModel {
         self.status
     }
 
+    /// What a state blob records of the model: features, status, config, queue positions.
+    pub fn state_parts(&self) -> (u64, u8, Vec<u8>, Vec<(u16, VqState)>) {
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (i as u16, q.state))
+            .collect();
+        (
+            self.driver_features,
+            self.status,
+            self.profile.config.clone(),
+            queues,
+        )
+    }
+
+    /// Loads saved features and queue positions into a freshly reset device, taking the
+    /// status up to FEATURES_OK; the driver then sets up its rings and DRIVER_OK.
+    pub fn load_state(
+        &mut self,
+        features: u64,
+        status: u8,
+        queues: &[(u16, VqState)],
+    ) -> Result<(), WireError> {
+        if self.status != 0 {
+            return Err(WireError::new(
+                ErrorCode::BadState,
+                "load state into a freshly reset device",
+            ));
+        }
+        if features & !self.profile.offered != 0 {
+            return Err(WireError::new(
+                ErrorCode::BadFeatures,
+                format!("saved features {features:#x} are not all offered here"),
+            ));
+        }
+        for &(i, _) in queues {
+            self.queue_index(i).map_err(|_| {
+                WireError::new(
+                    ErrorCode::BadQueue,
+                    format!("saved queue {i} does not exist here"),
+                )
+            })?;
+        }
+        self.driver_features = features;
+        self.status = status & (st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK);
+        for &(i, state) in queues {
+            self.queues[i as usize].state = state;
+        }
+        Ok(())
+    }
+
     /// Whether the driver suspended the device.
     pub fn is_suspended(&self) -> bool {
         self.suspended

@@ -17,7 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 use vmdev_proto::datapath::{DpEvent, DpOp, DpReply, FromDatapath, ToDatapath};
-use vmdev_proto::transport::{DefinedDevice, DeviceStats, Reply, Request};
+use vmdev_proto::transport::{
+    DefinedDevice, DeviceState, DeviceStats, Reply, Request, DEVICE_STATE_FORMAT,
+    DEVICE_STATE_VERSION,
+};
 use vmdev_proto::virtio::status as st;
 use vmdev_proto::{Channel, ErrorCode, Hello, ProtoError, WireError};
 
@@ -90,6 +93,94 @@ impl Server {
         Ok(())
     }
 
+    /// The device's state blob (JSON [`DeviceState`]); the device must not be attached.
+    fn snapshot(d: &Device) -> Vec<u8> {
+        let (features, status, config, queues) = d.model.state_parts();
+        let st = DeviceState {
+            format: DEVICE_STATE_FORMAT.into(),
+            version: DEVICE_STATE_VERSION,
+            uuid: d.uuid,
+            parent: d.link.name.clone(),
+            device_type: d.model.profile().type_name.clone(),
+            attrs: d.attrs.clone(),
+            features,
+            status,
+            config,
+            queues,
+            stats: d.base_stats.clone(),
+        };
+        serde_json::to_vec_pretty(&st).unwrap_or_default()
+    }
+
+    fn parse_state(blob: &[u8]) -> Result<DeviceState, WireError> {
+        let st: DeviceState = serde_json::from_slice(blob).map_err(|e| {
+            WireError::new(
+                ErrorCode::BadArgument,
+                format!("not a device state blob: {e}"),
+            )
+        })?;
+        if st.format != DEVICE_STATE_FORMAT || st.version > DEVICE_STATE_VERSION {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                format!(
+                    "state format '{}' version {} is not supported (this build: version {DEVICE_STATE_VERSION})",
+                    st.format, st.version
+                ),
+            ));
+        }
+        Ok(st)
+    }
+
+    fn load(d: &mut Device, blob: &[u8]) -> Result<(), WireError> {
+        let st = Self::parse_state(blob)?;
+        if st.device_type != d.model.profile().type_name || st.config != d.model.profile().config {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                "the saved device has another type or configuration",
+            ));
+        }
+        d.model.load_state(st.features, st.status, &st.queues)
+    }
+
+    /// Management snapshot: a running device is detached between passes and re-attached.
+    fn save_device(&self, uuid: Uuid) -> Reply {
+        let Some(slot) = lock(&self.registry).devices.get(&uuid).cloned() else {
+            return werr(ErrorCode::NoSuchDevice, format!("no device {uuid}"));
+        };
+        let mut d = lock(&slot.dev);
+        let was_attached = d.model.is_attached();
+        Self::detach(&mut d);
+        let blob = Self::snapshot(&d);
+        if was_attached {
+            if let Err(e) = Self::reattach(&mut d) {
+                return Reply::Error(e);
+            }
+        }
+        Reply::State(blob)
+    }
+
+    /// Recreates a saved device: identity, type, attributes and counters.
+    fn restore_device(self: &Arc<Self>, blob: &[u8], parent: Option<String>) -> Reply {
+        let st = match Self::parse_state(blob) {
+            Ok(s) => s,
+            Err(e) => return Reply::Error(e),
+        };
+        let parent = parent.unwrap_or(st.parent.clone());
+        let r = self.start_device(
+            &parent,
+            &st.device_type,
+            Some(st.uuid),
+            st.attrs.clone(),
+            None,
+        );
+        if let Reply::Started(_) = r {
+            if let Some(slot) = lock(&self.registry).devices.get(&st.uuid).cloned() {
+                lock(&slot.dev).base_stats = st.stats;
+            }
+        }
+        r
+    }
+
     /// Validates and saves a definition.
     fn define(&self, def: DefinedDevice) -> Reply {
         if def.uuid.is_nil() {
@@ -154,6 +245,9 @@ impl Server {
                 (vmdev_proto::PROTO_F_VQ_STATE, "PROTO_F_VQ_STATE")
             }
             Request::Suspend | Request::Resume => (vmdev_proto::PROTO_F_SUSPEND, "PROTO_F_SUSPEND"),
+            Request::SaveState | Request::LoadState(_) => {
+                (vmdev_proto::PROTO_F_DEVICE_STATE, "PROTO_F_DEVICE_STATE")
+            }
             _ => return None,
         };
         (negotiated & bit == 0).then(|| {
@@ -266,6 +360,8 @@ impl Server {
             } => self.start_device(&parent, &device_type, uuid, attrs, vhost_user),
             Request::StopDevice { uuid } => self.stop_device(uuid),
             Request::DefineDevice(def) => self.define(def),
+            Request::SaveDevice { uuid } => self.save_device(uuid),
+            Request::RestoreDevice { blob, parent } => self.restore_device(&blob, parent),
             Request::UndefineDevice { uuid } => match lock(&self.defined).undefine(&uuid) {
                 Ok(true) => Reply::Ok,
                 Ok(false) => werr(ErrorCode::NoSuchDevice, format!("no defined device {uuid}")),
@@ -310,7 +406,18 @@ impl Server {
                         format!("device {} was stopped", d.uuid),
                     );
                 }
-                Self::drive(&mut d, req, fds)
+                match req {
+                    Request::SaveState if d.model.is_attached() => werr(
+                        ErrorCode::BadState,
+                        "suspend the device before saving its state",
+                    ),
+                    Request::SaveState => Reply::State(Self::snapshot(&d)),
+                    Request::LoadState(blob) => match Self::load(&mut d, &blob) {
+                        Ok(()) => Reply::Ok,
+                        Err(e) => Reply::Error(e),
+                    },
+                    req => Self::drive(&mut d, req, fds),
+                }
             }
         }
     }

@@ -27,8 +27,11 @@ pub const PROTO_F_VQ_STATE: u64 = 1 << 0;
 /// Protocol feature: `Suspend` / `Resume`.
 pub const PROTO_F_SUSPEND: u64 = 1 << 1;
 
+/// Protocol feature: `SaveState` / `LoadState` (device state blobs).
+pub const PROTO_F_DEVICE_STATE: u64 = 1 << 2;
+
 /// Protocol feature bits this build understands.
-pub const PROTOCOL_FEATURES: u64 = PROTO_F_VQ_STATE | PROTO_F_SUSPEND;
+pub const PROTOCOL_FEATURES: u64 = PROTO_F_VQ_STATE | PROTO_F_SUSPEND | PROTO_F_DEVICE_STATE;
 
 /// The first message on every connection, in both directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

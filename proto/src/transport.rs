@@ -149,6 +149,27 @@ pub enum Request {
     Suspend,
     /// Lets a suspended device run again from where its queues stand *(PROTO_F_SUSPEND)*.
     Resume,
+    /// The opened device's state as a versioned, self-describing blob (JSON
+    /// [`DeviceState`]); the device must be suspended or not running
+    /// *(PROTO_F_DEVICE_STATE)*.
+    SaveState,
+    /// Loads a state blob into the opened, freshly reset device: features, status up to
+    /// FEATURES_OK and queue positions; the driver then sets up its rings and DRIVER_OK
+    /// *(PROTO_F_DEVICE_STATE)*.
+    LoadState(Vec<u8>),
+    /// Management: a device's state blob (a running device is snapshotted between passes).
+    SaveDevice {
+        /// Which device.
+        uuid: Uuid,
+    },
+    /// Management: recreates a saved device (identity, type, attributes, counters) on
+    /// `parent` (default: the one it was saved from).
+    RestoreDevice {
+        /// The blob from `SaveDevice`.
+        blob: Vec<u8>,
+        /// Parent to create it on.
+        parent: Option<String>,
+    },
     /// Where a queue resumes (before DRIVER_OK or while suspended; default: 0)
     /// *(PROTO_F_VQ_STATE)*.
     SetQueueState {
@@ -213,6 +234,8 @@ pub enum Reply {
     QueueState(VqState),
     /// Defined devices.
     Defined(Vec<DefinedDevice>),
+    /// A device state blob.
+    State(Vec<u8>),
     /// The request failed.
     Error(WireError),
 }
@@ -237,6 +260,39 @@ impl Default for VqState {
             used_index: 0,
         }
     }
+}
+
+/// Name in [`DeviceState::format`].
+pub const DEVICE_STATE_FORMAT: &str = "vmdev-device-state";
+/// Current [`DeviceState::version`].
+pub const DEVICE_STATE_VERSION: u32 = 1;
+
+/// A device's saved state: what it is, what the driver negotiated, where each queue
+/// stands, and the device's own state (MAC, counters). Serialized as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Always [`DEVICE_STATE_FORMAT`].
+    pub format: String,
+    /// Format version ([`DEVICE_STATE_VERSION`]); newer versions are refused.
+    pub version: u32,
+    /// Device UUID.
+    pub uuid: Uuid,
+    /// Parent it was saved from.
+    pub parent: String,
+    /// Device type.
+    pub device_type: String,
+    /// Creation attributes.
+    pub attrs: Vec<(String, String)>,
+    /// Negotiated features.
+    pub features: u64,
+    /// Status byte.
+    pub status: u8,
+    /// Config space bytes.
+    pub config: Vec<u8>,
+    /// Queue positions, by queue index.
+    pub queues: Vec<(u16, VqState)>,
+    /// Counters.
+    pub stats: DeviceStats,
 }
 
 /// A persistent device definition (mdevctl `define`).

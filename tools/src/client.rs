@@ -185,6 +185,45 @@ impl TransportClient {
         }
     }
 
+    /// A device's state blob (management; a running device is snapshotted between passes).
+    pub fn save_device(&mut self, uuid: Uuid) -> Result<Vec<u8>, ProtoError> {
+        match self.request(&Request::SaveDevice { uuid }, &[])? {
+            Reply::State(b) => Ok(b),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Recreates a saved device, on `parent` or where it was saved from.
+    pub fn restore_device(
+        &mut self,
+        blob: Vec<u8>,
+        parent: Option<&str>,
+    ) -> Result<Uuid, ProtoError> {
+        match self.request(
+            &Request::RestoreDevice {
+                blob,
+                parent: parent.map(str::to_string),
+            },
+            &[],
+        )? {
+            Reply::Started(u) => Ok(u),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The opened device's state blob (suspend it first if it runs).
+    pub fn save_state(&mut self) -> Result<Vec<u8>, ProtoError> {
+        match self.request(&Request::SaveState, &[])? {
+            Reply::State(b) => Ok(b),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Loads a state blob into the opened, freshly reset device.
+    pub fn load_state(&mut self, blob: Vec<u8>) -> Result<(), ProtoError> {
+        self.ok(&Request::LoadState(blob), &[])
+    }
+
     /// Removes a device.
     pub fn stop_device(&mut self, uuid: Uuid) -> Result<(), ProtoError> {
         self.ok(&Request::StopDevice { uuid }, &[])

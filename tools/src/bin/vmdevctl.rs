@@ -90,6 +90,23 @@ enum Cmd {
         #[arg(long)]
         to: String,
     },
+    /// Save a device's state (type, attributes, features, status, config, queue
+    /// positions, counters) to FILE as versioned JSON.
+    Save {
+        /// Device UUID.
+        #[arg(short, long)]
+        uuid: Uuid,
+        /// Output file.
+        file: PathBuf,
+    },
+    /// Recreate a saved device (on PARENT, or where it was saved from).
+    Restore {
+        /// File written by `save`.
+        file: PathBuf,
+        /// Parent to create it on.
+        #[arg(short, long)]
+        parent: Option<String>,
+    },
     /// Show a device's per-queue counters.
     Stats {
         /// Device UUID.
@@ -270,6 +287,24 @@ fn main() -> anyhow::Result<()> {
             if cli.json {
                 return print_json(&serde_json::json!({ "migrated": uuid, "to": to }));
             }
+        }
+        Cmd::Save { uuid, file } => {
+            let blob = c.save_device(uuid)?;
+            let tmp = file.with_extension("tmp");
+            std::fs::write(&tmp, &blob).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+            if cli.json {
+                return print_json(&serde_json::json!({ "saved": uuid, "file": file }));
+            }
+        }
+        Cmd::Restore { file, parent } => {
+            let blob =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let uuid = c.restore_device(blob, parent.as_deref())?;
+            if cli.json {
+                return print_json(&serde_json::json!({ "uuid": uuid }));
+            }
+            println!("{uuid}");
         }
         Cmd::Stats { uuid } => {
             let s = c.stats(uuid)?;

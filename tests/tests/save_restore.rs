@@ -1,0 +1,133 @@
+//! Device state save/restore: `vmdevctl save` writes a versioned, self-describing blob of a
+//! running device; `vmdevctl restore` recreates it (elsewhere) with its counters; a driver
+//! can save a suspended device's state and load it into a fresh one.
+
+use std::time::Duration;
+use vmdev_proto::transport::{DeviceState, VqState};
+use vmdev_proto::{ErrorCode, ProtoError};
+use vmdev_tests::{frame_seq, make_frame, wait_until, Daemons};
+use vmdev_tools::{NetDriver, NetDriverConfig};
+
+fn run_frames(drv: &mut NetDriver, from: u64, n: u64) {
+    let mut buf = Vec::new();
+    for seq in from..from + n {
+        let f = make_frame(drv.mac(), seq, 128);
+        assert!(drv.send(&f).unwrap());
+        wait_until("frame", Duration::from_secs(20), || {
+            drv.recv_into(&mut buf).unwrap()
+        });
+        assert_eq!(frame_seq(&buf), Some(seq));
+    }
+}
+
+#[test]
+fn save_and_restore_a_device_with_its_state_and_counters() {
+    let mut d = Daemons::start();
+    d.add_datapath("dp0");
+    d.add_datapath("dp1");
+    let uuid = d.start_device("dp0", &["mac=52:54:00:aa:bb:cc", "mtu=4000"]);
+    let mut drv = NetDriver::open(&d.run_dir, uuid, NetDriverConfig::default()).unwrap();
+    run_frames(&mut drv, 0, 300);
+    let file = d.run_dir.join("dev.json");
+    let out = d.vmdevctl(&["save", "-u", &uuid.to_string(), file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: DeviceState = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!((st.format.as_str(), st.version), ("vmdev-device-state", 1));
+    assert_eq!(
+        (st.uuid, st.parent.as_str(), st.device_type.as_str()),
+        (uuid, "dp0", "net-loopback")
+    );
+    assert_eq!(
+        &st.config[..6],
+        &[0x52, 0x54, 0, 0xaa, 0xbb, 0xcc],
+        "MAC in the saved config"
+    );
+    assert_ne!(st.status & vmdev_proto::virtio::status::DRIVER_OK, 0);
+    assert_eq!(
+        st.queues[1].1,
+        VqState::Split {
+            avail_index: 300,
+            used_index: 300
+        }
+    );
+    assert_eq!(st.stats.queues[1].packets, 300);
+    // Saving a running device did not disturb it.
+    run_frames(&mut drv, 300, 100);
+    drop(drv);
+
+    let out = d.vmdevctl(&["stop", "-u", &uuid.to_string()]);
+    assert!(out.status.success());
+    let out = d.vmdevctl(&["restore", file.to_str().unwrap(), "-p", "dp1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = d.client();
+    let dev = c
+        .list_devices()
+        .unwrap()
+        .into_iter()
+        .find(|x| x.uuid == uuid)
+        .expect("restored");
+    assert_eq!(dev.parent, "dp1");
+    assert!(dev.attrs.contains(&("mtu".into(), "4000".into())));
+    assert_eq!(
+        c.stats(uuid).unwrap().queues[1].packets,
+        300,
+        "counters restored"
+    );
+    let mut drv = NetDriver::open(&d.run_dir, uuid, NetDriverConfig::default()).unwrap();
+    assert_eq!(drv.mac(), [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+    run_frames(&mut drv, 0, 50);
+
+    // Bad blobs get clear errors.
+    std::fs::write(&file, br#"{"format":"vmdev-device-state","version":99}"#).unwrap();
+    let out = d.vmdevctl(&["restore", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    std::fs::write(&file, b"garbage").unwrap();
+    let out = d.vmdevctl(&["restore", file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a device state blob"));
+}
+
+#[test]
+fn driver_saves_a_suspended_device_and_loads_it_into_a_fresh_one() {
+    let mut d = Daemons::start();
+    d.add_datapath("dp0");
+    let uuid = d.start_device("dp0", &[]);
+    let mut drv = NetDriver::open(&d.run_dir, uuid, NetDriverConfig::default()).unwrap();
+    run_frames(&mut drv, 0, 40);
+    let e = drv.client().save_state().unwrap_err();
+    assert!(
+        matches!(e, ProtoError::Remote(w) if w.code == ErrorCode::BadState),
+        "running: suspend first"
+    );
+    drv.client().suspend().unwrap();
+    let blob = drv.client().save_state().unwrap();
+    drop(drv);
+    // A new driver: reset, load, and the queues stand where they were.
+    let mut c = d.client();
+    c.open(uuid).unwrap();
+    c.reset().unwrap();
+    c.load_state(blob.clone()).unwrap();
+    assert_eq!(
+        c.status().unwrap() & vmdev_proto::virtio::status::FEATURES_OK,
+        vmdev_proto::virtio::status::FEATURES_OK
+    );
+    assert_eq!(
+        c.queue_state(1).unwrap(),
+        VqState::Split {
+            avail_index: 40,
+            used_index: 40
+        }
+    );
+    let e = c.load_state(blob).unwrap_err();
+    assert!(
+        matches!(e, ProtoError::Remote(w) if w.code == ErrorCode::BadState),
+        "only into a reset device"
+    );
+}
