@@ -111,6 +111,12 @@ fn driver_saves_a_suspended_device_and_loads_it_into_a_fresh_one() {
     drop(drv);
     // A new driver: reset, load, and the queues stand where they were.
     let mut c = d.client();
+    wait_until("the old driver's release", Duration::from_secs(20), || {
+        c.list_devices()
+            .unwrap()
+            .iter()
+            .any(|x| x.uuid == uuid && !x.claimed)
+    });
     c.open(uuid).unwrap();
     c.reset().unwrap();
     c.load_state(blob.clone()).unwrap();
