@@ -282,10 +282,18 @@ impl Session {
                 msg.flags & FLAG_NEED_REPLY != 0 && self.protocol & PF::REPLY_ACK.bits() != 0;
             let code = msg.code;
             let result = match FrontendReq::try_from(code) {
-                Ok(req) => self.handle(req, &msg.payload, msg.fds).and_then(|r| {
-                    self.reconcile()?;
-                    Ok((req, r))
-                }),
+                Ok(req) => {
+                    let status_before = self.status;
+                    self.handle(req, &msg.payload, msg.fds)
+                        .and_then(|r| match self.reconcile() {
+                            Ok(()) => Ok((req, r)),
+                            Err(e) => {
+                                // A refused start leaves no DRIVER_OK behind for GET_STATUS.
+                                self.status = status_before;
+                                Err(e)
+                            }
+                        })
+                }
                 Err(_) => Err(VuError::Unsupported(code)),
             };
             match result {

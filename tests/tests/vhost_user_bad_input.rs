@@ -275,7 +275,19 @@ fn setup_until_last_enable(
     addrs: [RingUva; 2],
     rings: &Rings,
 ) {
-    fe.negotiate(PF_REPLY_ACK);
+    setup_until_last_enable_with(fe, PF_REPLY_ACK, mem, table, addrs, rings)
+}
+
+/// [`setup_until_last_enable`] negotiating `protocol` features.
+fn setup_until_last_enable_with(
+    fe: &mut FrontEnd,
+    protocol: u64,
+    mem: BorrowedFd<'_>,
+    table: Region,
+    addrs: [RingUva; 2],
+    rings: &Rings,
+) {
+    fe.negotiate(protocol);
     fe.accepted("SET_MEM_TABLE", SET_MEM_TABLE, &mem_table(&[table]), &[mem]);
     for q in 0..2u32 {
         let i = q as usize;
@@ -1297,6 +1309,45 @@ fn front_end_is_turned_away_while_a_vmdev_driver_holds_the_device() {
         }
         other => panic!("open while a front end holds the device: {other:?}"),
     }
+    drop(fe);
+    w.assert_healthy();
+}
+
+#[test]
+fn refused_driver_ok_is_not_reported_by_get_status() {
+    let mut w = world();
+    let mut fe = w.front_end();
+    let mem = create_sealed_memfd("vu", REGION_SIZE).unwrap();
+    let rings = Rings::new();
+    let mut bad = ring_uva(1);
+    bad.avail = REGION_UVA + REGION_SIZE + 0x1000; // past the only region
+    let addrs = [ring_uva(0), bad];
+    setup_until_last_enable_with(
+        &mut fe,
+        PF_REPLY_ACK | PF_STATUS,
+        mem.as_fd(),
+        region(),
+        addrs,
+        &rings,
+    );
+    fe.accepted(
+        "SET_VRING_ENABLE 1 (the device waits for DRIVER_OK)",
+        SET_VRING_ENABLE,
+        &vring_state(1, 1),
+        &[],
+    );
+    fe.nacked(
+        "SET_STATUS DRIVER_OK with a ring outside memory",
+        SET_STATUS,
+        &u64_payload(DRIVER_OK_ALL),
+        &[],
+    );
+    assert_eq!(
+        fe.get(GET_STATUS) & 0x4,
+        0,
+        "no DRIVER_OK after a refused start"
+    );
+    assert_eq!(w.vu_state(), (true, false));
     drop(fe);
     w.assert_healthy();
 }
