@@ -445,6 +445,19 @@ pub struct Segment {
     pub writable: bool,
 }
 
+impl Segment {
+    /// The descriptor for this buffer, linked to `next` if the chain continues.
+    fn descriptor(&self, next: Option<u16>) -> Descriptor {
+        let write = if self.writable { DESC_F_WRITE } else { 0 };
+        Descriptor {
+            addr: self.addr.0,
+            len: self.len,
+            flags: write | if next.is_some() { DESC_F_NEXT } else { 0 },
+            next: next.unwrap_or(0),
+        }
+    }
+}
+
 /// The driver side of a split queue: adds chains, publishes them, decides kicks, and
 /// collects used buffers. It trusts none of the device's writes either.
 pub struct DriverQueue {
@@ -513,22 +526,16 @@ impl DriverQueue {
         if segs.is_empty() || segs.len() > self.free.len() {
             return None;
         }
-        let ids: Vec<u16> = (0..segs.len()).filter_map(|_| self.free.pop()).collect();
+        // The chain takes the last `n` free descriptors, linked in order, with no allocation.
+        let start = self.free.len() - segs.len();
         for (i, s) in segs.iter().enumerate() {
-            let last = i + 1 == segs.len();
-            let next = if last { 0 } else { ids[i + 1] };
-            self.next[ids[i] as usize] = next;
-            let flags =
-                if s.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-            Descriptor {
-                addr: s.addr.0,
-                len: s.len,
-                flags,
-                next,
-            }
-            .write(self.rings.desc, ids[i] as u32);
+            let id = self.free[start + i];
+            let next = self.free.get(start + i + 1).copied();
+            self.next[id as usize] = next.unwrap_or(0);
+            s.descriptor(next).write(self.rings.desc, id as u32);
         }
-        let head = ids[0];
+        let head = self.free[start];
+        self.free.truncate(start);
         self.chain_len[head as usize] = segs.len() as u16;
         self.push_avail(head);
         Some(head)
@@ -554,16 +561,8 @@ impl DriverQueue {
         let tlen = segs.len() as u64 * DESC_LEN;
         let tptr = self.mem.translate(table, tlen)?;
         for (i, s) in segs.iter().enumerate() {
-            let last = i + 1 == segs.len();
-            let flags =
-                if s.writable { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
-            Descriptor {
-                addr: s.addr.0,
-                len: s.len,
-                flags,
-                next: if last { 0 } else { i as u16 + 1 },
-            }
-            .write(tptr, i as u32);
+            let next = (i + 1 < segs.len()).then_some(i as u16 + 1);
+            s.descriptor(next).write(tptr, i as u32);
         }
         let Some(head) = self.free.pop() else {
             return Ok(None);
