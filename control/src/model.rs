@@ -59,6 +59,7 @@ pub struct DeviceModel {
     config_notify: Option<OwnedFd>,
     attached: bool,
     suspended: bool,
+    dirty_log: Option<OwnedFd>,
     seal_policy: SealPolicy,
 }
 
@@ -110,6 +111,7 @@ impl DeviceModel {
             config_notify: None,
             attached: false,
             suspended: false,
+            dirty_log: None,
             seal_policy: SealPolicy::Required,
         }
     }
@@ -180,6 +182,37 @@ impl DeviceModel {
             self.queues[i as usize].state = state;
         }
         Ok(())
+    }
+
+    /// Starts (with a bitmap memfd) or stops dirty logging; checks that the bitmap covers
+    /// every region. Returns the fd to hand to a running datapath.
+    pub fn set_dirty_log(
+        &mut self,
+        fd: Option<OwnedFd>,
+    ) -> Result<Option<BorrowedFd<'_>>, WireError> {
+        if let Some(fd) = &fd {
+            let mut sizes: Vec<(u64, u64)> = self
+                .regions
+                .iter()
+                .map(|r| (r.spec.guest_addr, r.spec.size))
+                .collect();
+            sizes.sort();
+            let need = vmdev_shm_ring::dirty::bitmap_len(sizes.iter().map(|s| s.1));
+            if need == 0 {
+                return Err(WireError::new(
+                    ErrorCode::BadState,
+                    "add memory regions before logging",
+                ));
+            }
+            check_memfd(fd.as_fd(), 0, need, SealPolicy::Required).map_err(|e| {
+                WireError::new(
+                    ErrorCode::BadMemory,
+                    format!("dirty bitmap: {e} ({need} bytes needed)"),
+                )
+            })?;
+        }
+        self.dirty_log = fd;
+        Ok(self.dirty_log.as_ref().map(|f| f.as_fd()))
     }
 
     /// Whether the driver suspended the device.
@@ -623,6 +656,7 @@ impl DeviceModel {
             features: self.driver_features,
             num_queues: self.profile.num_queues,
             trust_unsealed: self.seal_policy == SealPolicy::Trusted,
+            dirty_log: self.dirty_log.is_some(),
             regions: self.regions.iter().map(|r| r.spec).collect(),
             queues,
         })
@@ -650,6 +684,7 @@ impl DeviceModel {
             v.extend(q.kick.as_ref().map(|f| f.as_fd()));
             v.extend(q.call.as_ref().map(|f| f.as_fd()));
         }
+        v.extend(self.dirty_log.as_ref().map(|f| f.as_fd()));
         v
     }
 

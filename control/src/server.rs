@@ -64,6 +64,7 @@ fn expected_fds(req: &Request) -> usize {
         Request::SetQueueKick { .. }
         | Request::SetQueueCall { .. }
         | Request::SetConfigNotify
+        | Request::StartDirtyLog
         | Request::AddMemRegion { .. } => 1,
         _ => 0,
     }
@@ -248,6 +249,9 @@ impl Server {
             Request::SaveState | Request::LoadState(_) => {
                 (vmdev_proto::PROTO_F_DEVICE_STATE, "PROTO_F_DEVICE_STATE")
             }
+            Request::StartDirtyLog | Request::StopDirtyLog => {
+                (vmdev_proto::PROTO_F_DIRTY_LOG, "PROTO_F_DIRTY_LOG")
+            }
             _ => return None,
         };
         (negotiated & bit == 0).then(|| {
@@ -412,6 +416,24 @@ impl Server {
                         "suspend the device before saving its state",
                     ),
                     Request::SaveState => Reply::State(Self::snapshot(&d)),
+                    Request::StartDirtyLog | Request::StopDirtyLog => {
+                        let fd = fds.into_iter().next();
+                        let on = fd.is_some();
+                        let handle = d.handle;
+                        let attached = d.model.is_attached();
+                        let link = Arc::clone(&d.link);
+                        match d.model.set_dirty_log(fd) {
+                            Err(e) => Reply::Error(e),
+                            Ok(_) if !attached => Reply::Ok,
+                            Ok(fd) => {
+                                let fds: Vec<_> = fd.into_iter().collect();
+                                match link.call(DpOp::SetDirtyLog { handle, on }, &fds) {
+                                    Ok(_) => Reply::Ok,
+                                    Err(e) => Reply::Error(e),
+                                }
+                            }
+                        }
+                    }
                     Request::LoadState(blob) => match Self::load(&mut d, &blob) {
                         Ok(()) => Reply::Ok,
                         Err(e) => Reply::Error(e),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use vmdev_proto::datapath::AttachSpec;
 use vmdev_proto::transport::{DeviceStats, QueueStats, VqState};
 use vmdev_proto::{ErrorCode, WireError};
+use vmdev_shm_ring::dirty::DirtyLog;
 use vmdev_shm_ring::memory::SealPolicy;
 use vmdev_shm_ring::split::RingFeatures;
 use vmdev_shm_ring::{DeviceQueue, GuestAddr, GuestMemory, RingError};
@@ -61,6 +62,7 @@ pub struct Device {
     pub handle: u64,
     /// Its queues, by position in the attach spec.
     pub queues: Vec<QueueCtx>,
+    mem: Arc<GuestMemory>,
     backend: Backend,
 }
 
@@ -159,10 +161,20 @@ impl Device {
                 format!("this datapath has no type '{t}'"),
             )),
         });
+        let backend = backend.and_then(|b| {
+            if spec.dirty_log {
+                let fd = fds
+                    .next()
+                    .ok_or_else(|| bad(ErrorCode::MissingFd, "missing dirty bitmap memfd"))?;
+                set_dirty_log(&mem, Some(fd))?;
+            }
+            Ok(b)
+        });
         match backend {
             Ok(backend) => Ok(Device {
                 handle: spec.handle,
                 queues,
+                mem,
                 backend,
             }),
             Err(e) => {
@@ -170,6 +182,11 @@ impl Device {
                 Err(e)
             }
         }
+    }
+
+    /// Starts (with the bitmap memfd) or stops dirty-page logging.
+    pub fn set_dirty_log(&self, fd: Option<OwnedFd>) -> Result<(), WireError> {
+        set_dirty_log(&self.mem, fd)
     }
 
     /// Services the device once; returns the number of chains processed.
@@ -235,6 +252,21 @@ impl Device {
     pub fn release(&mut self, uring: &mut Uring) {
         release_queues(&self.queues, uring);
     }
+}
+
+fn set_dirty_log(mem: &GuestMemory, fd: Option<OwnedFd>) -> Result<(), WireError> {
+    let log = match fd {
+        Some(fd) => {
+            let len = vmdev_shm_ring::dirty::bitmap_len(mem.region_sizes());
+            Some(
+                DirtyLog::map(fd, len)
+                    .map_err(|e| bad(ErrorCode::BadMemory, format!("dirty bitmap: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    mem.set_dirty_log(log);
+    Ok(())
 }
 
 fn release_queues(queues: &[QueueCtx], uring: &mut Uring) {

@@ -212,6 +212,17 @@ impl Engine {
                 tracing::info!(handle, "device detached");
                 Ok(DpReply::Detached(dev.stats(), dev.states()))
             }
+            DpOp::SetDirtyLog { handle, on } => {
+                let fd = if on { fds.into_iter().next() } else { None };
+                if on && fd.is_none() {
+                    return Err(WireError::new(
+                        ErrorCode::MissingFd,
+                        "SetDirtyLog needs the bitmap memfd",
+                    ));
+                }
+                self.devices[self.position(handle)?].set_dirty_log(fd)?;
+                Ok(DpReply::Ok)
+            }
             DpOp::Stats { handle } => {
                 Ok(DpReply::Stats(self.devices[self.position(handle)?].stats()))
             }

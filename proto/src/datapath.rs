@@ -37,6 +37,13 @@ pub enum DpOp {
         /// Handle given at attach.
         handle: u64,
     },
+    /// Start (with the bitmap memfd attached) or stop dirty-page logging.
+    SetDirtyLog {
+        /// Handle given at attach.
+        handle: u64,
+        /// On or off.
+        on: bool,
+    },
     /// Read a device's live counters.
     Stats {
         /// Handle given at attach.
@@ -59,6 +66,8 @@ pub struct AttachSpec {
     pub regions: Vec<RegionSpec>,
     /// Accept region memfds that are not sealed against shrinking (trusted front end).
     pub trust_unsealed: bool,
+    /// Log written pages into the dirty bitmap whose memfd comes last among the fds.
+    pub dirty_log: bool,
     /// Ready queues.
     pub queues: Vec<QueueSpec>,
 }
@@ -129,6 +138,8 @@ pub enum DpReply {
     Detached(DeviceStats, Vec<(u16, VqState)>),
     /// Live counters.
     Stats(DeviceStats),
+    /// Done.
+    Ok,
 }
 
 /// Unsolicited news from the datapath.

@@ -30,8 +30,12 @@ pub const PROTO_F_SUSPEND: u64 = 1 << 1;
 /// Protocol feature: `SaveState` / `LoadState` (device state blobs).
 pub const PROTO_F_DEVICE_STATE: u64 = 1 << 2;
 
+/// Protocol feature: `StartDirtyLog` / `StopDirtyLog` (dirty-page tracking).
+pub const PROTO_F_DIRTY_LOG: u64 = 1 << 3;
+
 /// Protocol feature bits this build understands.
-pub const PROTOCOL_FEATURES: u64 = PROTO_F_VQ_STATE | PROTO_F_SUSPEND | PROTO_F_DEVICE_STATE;
+pub const PROTOCOL_FEATURES: u64 =
+    PROTO_F_VQ_STATE | PROTO_F_SUSPEND | PROTO_F_DEVICE_STATE | PROTO_F_DIRTY_LOG;
 
 /// The first message on every connection, in both directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

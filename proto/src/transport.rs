@@ -149,6 +149,13 @@ pub enum Request {
     Suspend,
     /// Lets a suspended device run again from where its queues stand *(PROTO_F_SUSPEND)*.
     Resume,
+    /// Starts dirty-page logging into a bitmap memfd sealed against shrinking: one bit per
+    /// 4 KiB page of every region, regions in guest-address order, each starting on a new
+    /// bit; the device sets bits with atomic ORs for every page it writes *(+1 fd,
+    /// PROTO_F_DIRTY_LOG)*.
+    StartDirtyLog,
+    /// Stops dirty-page logging *(PROTO_F_DIRTY_LOG)*.
+    StopDirtyLog,
     /// The opened device's state as a versioned, self-describing blob (JSON
     /// [`DeviceState`]); the device must be suspended or not running
     /// *(PROTO_F_DEVICE_STATE)*.

@@ -83,6 +83,13 @@ impl Chain {
         Ok(())
     }
 
+    /// Logs a device write into this chain's memory (when dirty logging is on).
+    fn mark(&self, ptr: *const u8, len: usize) {
+        if let Some(m) = &self.mem {
+            m.mark_host(ptr, len);
+        }
+    }
+
     /// The head descriptor index: what goes into the used ring.
     pub fn head(&self) -> u16 {
         self.head
@@ -137,6 +144,8 @@ impl Chain {
             let n = (len - offset).min(data.len() - done);
             // SAFETY: as in `read_at`, in the other direction.
             unsafe { std::ptr::copy(data.as_ptr().add(done), s.ptr.as_ptr().add(offset), n) };
+            // SAFETY: pointer arithmetic inside the segment (no dereference).
+            self.mark(unsafe { s.ptr.as_ptr().add(offset) }, n);
             done += n;
             offset = 0;
             if done == data.len() {
@@ -190,6 +199,8 @@ impl Chain {
                 unsafe {
                     std::ptr::copy(s.ptr.as_ptr().add(s_off), cur.ptr.as_ptr().add(d_off), n)
                 };
+                // SAFETY: pointer arithmetic inside the segment (no dereference).
+                dst.mark(unsafe { cur.ptr.as_ptr().add(d_off) }, n);
                 s_off += n;
                 d_off += n;
                 done += n;

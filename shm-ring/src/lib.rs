@@ -15,6 +15,7 @@ compile_error!("vmdev-shm-ring assumes a little-endian host (virtio 1.x rings ar
 
 pub mod addr;
 pub mod chain;
+pub mod dirty;
 pub mod error;
 pub mod memory;
 pub mod split;

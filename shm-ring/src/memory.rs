@@ -1,9 +1,12 @@
 //! Driver memory: memfd regions, each mapped once (MAP_SHARED), and bounds-checked
 //! translation of guest addresses.
 
+use crate::dirty::{DirtyLog, DIRTY_PAGE};
 use crate::{GuestAddr, MemError};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 
 /// Regions must start on this boundary (guest address and memfd offset), so a host
 /// pointer has the same alignment as the guest address it came from.
@@ -38,6 +41,8 @@ impl Drop for Region {
 #[derive(Default)]
 pub struct GuestMemory {
     regions: Vec<Region>,
+    logging: AtomicBool,
+    log: RwLock<Option<DirtyLog>>,
 }
 
 // SAFETY: the mappings are plain shared memory, valid until drop; all access to guest bytes
@@ -203,6 +208,40 @@ impl GuestMemory {
         });
         self.regions.sort_by_key(|r| r.guest_addr);
         Ok(())
+    }
+
+    /// Starts (or, with `None`, stops) logging every write the device makes into a bitmap
+    /// laid out as [`crate::dirty::bitmap_len`] describes for this memory's regions.
+    pub fn set_dirty_log(&self, log: Option<DirtyLog>) {
+        let mut slot = self.log.write().unwrap_or_else(|p| p.into_inner());
+        self.logging.store(log.is_some(), Ordering::Release);
+        *slot = log;
+    }
+
+    /// The region sizes, in guest-address order (what a dirty bitmap must cover).
+    pub fn region_sizes(&self) -> Vec<u64> {
+        self.regions.iter().map(|r| r.size).collect()
+    }
+
+    /// Records that the device wrote `len` bytes at host address `ptr` (inside a region).
+    pub(crate) fn mark_host(&self, ptr: *const u8, len: usize) {
+        if len == 0 || !self.logging.load(Ordering::Relaxed) {
+            return;
+        }
+        let guard = self.log.read().unwrap_or_else(|p| p.into_inner());
+        let Some(log) = guard.as_ref() else { return };
+        let mut base_bit = 0u64;
+        for r in &self.regions {
+            let start = r.host.as_ptr() as usize;
+            let p = ptr as usize;
+            if p >= start && p - start < r.map_len {
+                let off = (p - start) as u64;
+                let end = (off + len as u64 - 1).min(r.size - 1);
+                log.set_bits(base_bit + off / DIRTY_PAGE, base_bit + end / DIRTY_PAGE);
+                return;
+            }
+            base_bit += r.size.div_ceil(DIRTY_PAGE);
+        }
     }
 
     /// Number of regions.

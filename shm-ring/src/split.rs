@@ -391,6 +391,13 @@ impl DeviceQueue {
         self.rings
             .used_idx()
             .store(self.next_used, Ordering::Release);
+        self.mark_used_ring();
+    }
+
+    /// Logs the used ring as written (entries, index, flags, avail_event all live there).
+    fn mark_used_ring(&self) {
+        let len = SplitLayout::new(self.rings.size).used_len as usize;
+        self.mem.mark_host(self.rings.used.as_ptr(), len);
     }
 
     /// After publishing: whether the driver asked to be interrupted for the entries
@@ -416,6 +423,7 @@ impl DeviceQueue {
             self.rings
                 .used_flags()
                 .store(USED_F_NO_NOTIFY, Ordering::Relaxed);
+            self.mark_used_ring();
         }
     }
 
@@ -429,6 +437,7 @@ impl DeviceQueue {
         } else {
             self.rings.used_flags().store(0, Ordering::Relaxed);
         }
+        self.mark_used_ring();
         fence(Ordering::SeqCst);
         Ok(self.load_avail()? != self.next_avail)
     }

@@ -224,6 +224,16 @@ impl TransportClient {
         self.ok(&Request::LoadState(blob), &[])
     }
 
+    /// Starts dirty-page logging of the opened device into `bitmap` (a sealed memfd).
+    pub fn start_dirty_log(&mut self, bitmap: BorrowedFd<'_>) -> Result<(), ProtoError> {
+        self.ok(&Request::StartDirtyLog, &[bitmap])
+    }
+
+    /// Stops dirty-page logging.
+    pub fn stop_dirty_log(&mut self) -> Result<(), ProtoError> {
+        self.ok(&Request::StopDirtyLog, &[])
+    }
+
     /// Removes a device.
     pub fn stop_device(&mut self, uuid: Uuid) -> Result<(), ProtoError> {
         self.ok(&Request::StopDevice { uuid }, &[])

@@ -598,6 +598,16 @@ impl NetDriver {
         self.rings.get(q).copied()
     }
 
+    /// Guest address and length of the RX buffer area (what the device writes).
+    pub fn rx_area(&self) -> (u64, u64) {
+        (self.rx_base, self.rx_buf * self.rings[0].size as u64)
+    }
+
+    /// Guest address and length of the TX buffer area (what the device only reads).
+    pub fn tx_area(&self) -> (u64, u64) {
+        (self.tx_base, self.tx_buf * self.rings[1].size as u64)
+    }
+
     /// Kicks queue `q` unconditionally.
     pub fn kick(&self, q: usize) -> Result<(), DriverError> {
         match self.kick.get(q) {
