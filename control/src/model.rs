@@ -398,10 +398,10 @@ impl DeviceModel {
                 )
             }
             Request::RemoveMemRegion { guest_addr } => {
-                if self.status & st::DRIVER_OK != 0 {
+                if self.status & st::DRIVER_OK != 0 && !self.suspended {
                     return err(
                         ErrorCode::BadState,
-                        "memory regions cannot change after DRIVER_OK",
+                        "memory regions cannot change after DRIVER_OK (unless suspended)",
                     );
                 }
                 match self
@@ -461,10 +461,10 @@ impl DeviceModel {
     }
 
     fn add_region(&mut self, spec: RegionSpec, fd: OwnedFd) -> Step {
-        if self.status & st::DRIVER_OK != 0 {
+        if self.status & st::DRIVER_OK != 0 && !self.suspended {
             return err(
                 ErrorCode::BadState,
-                "memory regions cannot change after DRIVER_OK",
+                "memory regions cannot change after DRIVER_OK (unless suspended)",
             );
         }
         if self.regions.len() >= MAX_REGIONS {

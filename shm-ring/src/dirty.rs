@@ -76,6 +76,22 @@ impl DirtyLog {
         })
     }
 
+    /// Takes the set bits and clears them (atomic swap per word): the pages written since
+    /// the last call, as bit indices.
+    pub fn harvest(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for w in 0..self.len / 8 {
+            // SAFETY: w < len / 8, inside the mapping; accessed atomically only.
+            let mut v = unsafe { (*self.words.as_ptr().add(w)).swap(0, Ordering::AcqRel) };
+            while v != 0 {
+                let b = v.trailing_zeros() as u64;
+                out.push(w as u64 * 64 + b);
+                v &= v - 1;
+            }
+        }
+        out
+    }
+
     /// Sets bits `first..=last` (clamped to the bitmap).
     pub fn set_bits(&self, first: u64, last: u64) {
         let nbits = self.len as u64 * 8;

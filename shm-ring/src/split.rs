@@ -472,6 +472,7 @@ impl Segment {
 pub struct DriverQueue {
     mem: Arc<GuestMemory>,
     rings: Rings,
+    addrs: (GuestAddr, GuestAddr, GuestAddr),
     features: RingFeatures,
     free: Vec<u16>,
     next: Vec<u16>,
@@ -503,6 +504,7 @@ impl DriverQueue {
         Ok(DriverQueue {
             mem,
             rings,
+            addrs: (desc, avail, used),
             features,
             free: (0..size).rev().collect(),
             next: vec![0; size as usize],
@@ -517,6 +519,15 @@ impl DriverQueue {
     /// Queue size.
     pub fn size(&self) -> u16 {
         self.rings.size
+    }
+
+    /// Moves the queue to another mapping of the same guest addresses (the driver's memory
+    /// was copied elsewhere), keeping every index and chain in flight.
+    pub fn remap(&mut self, mem: Arc<GuestMemory>) -> Result<(), RingError> {
+        let (d, a, u) = self.addrs;
+        self.rings = Rings::new(&mem, self.rings.size, d, a, u)?;
+        self.mem = mem;
+        Ok(())
     }
 
     /// Free descriptors.

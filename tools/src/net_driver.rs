@@ -115,6 +115,15 @@ pub struct RingAddrs {
     pub size: u16,
 }
 
+/// What [`NetDriver::live_copy`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveCopyReport {
+    /// Pages copied in each round while the device ran (round 0: all of them).
+    pub rounds: Vec<usize>,
+    /// Pages copied after suspending the device.
+    pub final_pages: usize,
+}
+
 /// A running virtio-net driver bound to one vmdev device.
 pub struct NetDriver {
     client: TransportClient,
@@ -596,6 +605,83 @@ impl NetDriver {
     /// Ring addresses of queue `q` (0 = RX, 1 = TX).
     pub fn ring_addrs(&self, q: usize) -> Option<RingAddrs> {
         self.rings.get(q).copied()
+    }
+
+    /// Moves the driver's memory to a new memfd while the device keeps running — the
+    /// live-copy flow of a VM migration: dirty logging on, copy everything, re-copy the pages
+    /// the device dirtied until at most `few` remain (or `max_rounds`), suspend, copy the
+    /// last ones, switch the device's region and this driver's rings to the new memory.
+    /// The device is left suspended on the new memory: call [`NetDriver::resume`].
+    /// Returns the pages copied in each round.
+    pub fn live_copy(
+        &mut self,
+        max_rounds: usize,
+        few: usize,
+    ) -> Result<LiveCopyReport, DriverError> {
+        use vmdev_shm_ring::dirty::{bitmap_len, DirtyLog, DIRTY_PAGE};
+        let size = self
+            .mem
+            .region_sizes()
+            .first()
+            .copied()
+            .ok_or_else(|| DriverError::Device("no memory".into()))?;
+        let new_fd = create_sealed_memfd("vmdev-driver-copy", size)?;
+        let mut new_mem = GuestMemory::new();
+        new_mem
+            .add_region(new_fd.try_clone()?, GuestAddr(GUEST_BASE), size, 0)
+            .map_err(|e| DriverError::Device(e.to_string()))?;
+        let len = bitmap_len([size]);
+        let bitmap = create_sealed_memfd("vmdev-dirty-bitmap", len)?;
+        let log = DirtyLog::map(bitmap.try_clone()?, len)
+            .map_err(|e| DriverError::Device(e.to_string()))?;
+        let pages = size.div_ceil(DIRTY_PAGE);
+        let mut page = vec![0u8; DIRTY_PAGE as usize];
+        let old_mem = Arc::clone(&self.mem);
+        let mut copy = |list: &mut dyn Iterator<Item = u64>| -> Result<usize, DriverError> {
+            let mut n = 0;
+            for p in list.filter(|&p| p < pages) {
+                let off = p * DIRTY_PAGE;
+                let chunk = &mut page[..(size - off).min(DIRTY_PAGE) as usize];
+                old_mem
+                    .read(GuestAddr(GUEST_BASE + off), chunk)
+                    .map_err(RingError::from)?;
+                new_mem
+                    .write(GuestAddr(GUEST_BASE + off), chunk)
+                    .map_err(RingError::from)?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        self.client.start_dirty_log(bitmap.as_fd())?;
+        // Frames queued by the caller go out now, so the device works while memory is copied.
+        self.flush()?;
+        let mut rounds = vec![copy(&mut (0..pages))?];
+        while rounds.len() < max_rounds.max(1) {
+            let n = copy(&mut log.harvest().into_iter())?;
+            rounds.push(n);
+            if n <= few {
+                break;
+            }
+        }
+        self.client.suspend()?;
+        let last = copy(&mut log.harvest().into_iter())?;
+        self.client.stop_dirty_log()?;
+        self.client.remove_mem_region(GUEST_BASE)?;
+        self.client
+            .add_mem_region(new_fd.as_fd(), GUEST_BASE, size, 0)?;
+        let new_mem = Arc::new(new_mem);
+        self.rx.remap(Arc::clone(&new_mem))?;
+        self.tx.remap(Arc::clone(&new_mem))?;
+        self.mem = new_mem;
+        Ok(LiveCopyReport {
+            rounds,
+            final_pages: last,
+        })
+    }
+
+    /// Resumes a suspended device (after [`NetDriver::live_copy`]).
+    pub fn resume(&mut self) -> Result<(), DriverError> {
+        Ok(self.client.resume()?)
     }
 
     /// Guest address and length of the RX buffer area (what the device writes).
