@@ -215,6 +215,20 @@ impl DeviceModel {
         Ok(self.dirty_log.as_ref().map(|f| f.as_fd()))
     }
 
+    /// A state whose avail index is more than the queue size ahead of its used index.
+    fn state_beyond_ring(&self, queue: u16, state: VqState) -> bool {
+        let VqState::Split {
+            avail_index,
+            used_index,
+        } = state;
+        let size = self
+            .queues
+            .get(queue as usize)
+            .and_then(|q| q.size)
+            .unwrap_or(self.profile.max_queue_size);
+        avail_index.wrapping_sub(used_index) > size
+    }
+
     /// Whether the driver suspended the device.
     pub fn is_suspended(&self) -> bool {
         self.suspended
@@ -301,6 +315,10 @@ impl DeviceModel {
                 Ok(i) => Step::Reply(Reply::QueueState(self.queues[i].state)),
                 Err(e) => e,
             },
+            Request::SetQueueState { queue, state } if self.state_beyond_ring(queue, state) => err(
+                ErrorCode::BadQueue,
+                format!("queue {queue}: {state:?} has more buffers in flight than the ring holds"),
+            ),
             Request::SetQueueState { queue, state } if self.suspended => {
                 match self.queue_index(queue) {
                     Ok(i) => {

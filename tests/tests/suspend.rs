@@ -111,3 +111,58 @@ fn migration_commands_need_their_protocol_features() {
     c.open(other).unwrap();
     assert!(matches!(c.suspend(), Err(ProtoError::Remote(e)) if e.code == ErrorCode::BadState));
 }
+
+#[test]
+fn bad_state_and_impossible_migrations_leave_the_device_running() {
+    let mut d = Daemons::start();
+    d.add_datapath("dp0");
+    d.add_datapath_with("full", &["--max-devices", "1"]);
+    d.start_device("full", &[]); // takes the only slot
+    let uuid = d.start_device("dp0", &[]);
+    let mut drv = NetDriver::open(&d.run_dir, uuid, NetDriverConfig::default()).unwrap();
+    let mac = drv.mac();
+    let mut buf = Vec::new();
+    let mut echo = |drv: &mut NetDriver, seq: u64| {
+        assert!(drv.send(&make_frame(mac, seq, 100)).unwrap());
+        wait_until("frame", Duration::from_secs(20), || {
+            drv.recv_into(&mut buf).unwrap()
+        });
+        assert_eq!(frame_seq(&buf), Some(seq));
+    };
+    echo(&mut drv, 0);
+    // Migrations that cannot happen: no room, no such parent.
+    let e = drv.client().migrate_device(uuid, "full").unwrap_err();
+    assert!(matches!(e, ProtoError::Remote(w) if w.code == ErrorCode::NoCapacity));
+    let e = drv.client().migrate_device(uuid, "nowhere").unwrap_err();
+    assert!(matches!(e, ProtoError::Remote(w) if w.code == ErrorCode::NoSuchParent));
+    echo(&mut drv, 1);
+    // A queue state beyond the ring is refused and changes nothing.
+    drv.client().suspend().unwrap();
+    let before = drv.client().queue_state(1).unwrap();
+    let bad = VqState::Split {
+        avail_index: 1000,
+        used_index: 0,
+    };
+    let e = drv
+        .client()
+        .request(
+            &Request::SetQueueState {
+                queue: 1,
+                state: bad,
+            },
+            &[],
+        )
+        .unwrap_err();
+    assert!(matches!(e, ProtoError::Remote(w) if w.code == ErrorCode::BadQueue));
+    assert_eq!(drv.client().queue_state(1).unwrap(), before);
+    drv.client().resume().unwrap();
+    echo(&mut drv, 2);
+    let dev = d
+        .client()
+        .list_devices()
+        .unwrap()
+        .into_iter()
+        .find(|x| x.uuid == uuid)
+        .unwrap();
+    assert_eq!(dev.parent, "dp0", "still where it was");
+}
