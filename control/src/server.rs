@@ -97,7 +97,7 @@ impl Server {
     /// The device's state blob (JSON [`DeviceState`]); the device must not be attached.
     fn snapshot(d: &Device) -> Vec<u8> {
         let (features, status, config, queues) = d.model.state_parts();
-        let st = DeviceState {
+        let mut st = DeviceState {
             format: DEVICE_STATE_FORMAT.into(),
             version: DEVICE_STATE_VERSION,
             uuid: d.uuid,
@@ -109,7 +109,9 @@ impl Server {
             config,
             queues,
             stats: d.base_stats.clone(),
+            checksum: 0,
         };
+        st.checksum = st.compute_checksum();
         serde_json::to_vec_pretty(&st).unwrap_or_default()
     }
 
@@ -127,6 +129,12 @@ impl Server {
                     "state format '{}' version {} is not supported (this build: version {DEVICE_STATE_VERSION})",
                     st.format, st.version
                 ),
+            ));
+        }
+        if st.checksum != st.compute_checksum() {
+            return Err(WireError::new(
+                ErrorCode::BadArgument,
+                "device state blob is corrupted (checksum mismatch)",
             ));
         }
         Ok(st)

@@ -300,6 +300,22 @@ pub struct DeviceState {
     pub queues: Vec<(u16, VqState)>,
     /// Counters.
     pub stats: DeviceStats,
+    /// FNV-1a 64 of the compact JSON of this state with `checksum` = 0 (catches edits and
+    /// bit flips that still parse).
+    #[serde(default)]
+    pub checksum: u64,
+}
+
+impl DeviceState {
+    /// The checksum this state should carry.
+    pub fn compute_checksum(&self) -> u64 {
+        let mut copy = self.clone();
+        copy.checksum = 0;
+        let bytes = serde_json::to_vec(&copy).unwrap_or_default();
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
 }
 
 /// A persistent device definition (mdevctl `define`).
