@@ -38,6 +38,30 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A command for a daemon binary on `run_dir`, logging at `$VMDEV_LOG` (default warn).
+fn daemon(name: &str, run_dir: &Path) -> Command {
+    let mut c = Command::new(bin_path(name));
+    c.arg("--run-dir")
+        .arg(run_dir)
+        .env(
+            "VMDEV_LOG",
+            std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null());
+    c
+}
+
+/// Starts `vmdev-control` on `run_dir` and waits until its socket answers.
+fn spawn_control(run_dir: &Path) -> Child {
+    let child = daemon("vmdev-control", run_dir)
+        .spawn()
+        .expect("spawn vmdev-control");
+    wait_until("control.sock", STARTUP, || {
+        TransportClient::connect(run_dir).is_ok()
+    });
+    child
+}
+
 /// A control plane plus datapaths, torn down on drop.
 pub struct Daemons {
     /// The run directory (sockets).
@@ -54,25 +78,12 @@ impl Daemons {
             std::process::id(),
             Uuid::new_v4()
         ));
-        let control = Command::new(bin_path("vmdev-control"))
-            .arg("--run-dir")
-            .arg(&run_dir)
-            .env(
-                "VMDEV_LOG",
-                std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn vmdev-control");
-        let d = Daemons {
+        let control = spawn_control(&run_dir);
+        Daemons {
             run_dir,
             control,
             datapaths: Vec::new(),
-        };
-        wait_until("control.sock", STARTUP, || {
-            TransportClient::connect(&d.run_dir).is_ok()
-        });
-        d
+        }
     }
 
     /// Starts a datapath named `name` (unpinned) and waits until it is registered.
@@ -82,16 +93,9 @@ impl Daemons {
 
     /// Starts a datapath with extra arguments and waits until it is registered.
     pub fn add_datapath_with(&mut self, name: &str, extra: &[&str]) {
-        let child = Command::new(bin_path("vmdev-datapath"))
-            .arg("--run-dir")
-            .arg(&self.run_dir)
+        let child = daemon("vmdev-datapath", &self.run_dir)
             .args(["--name", name])
             .args(extra)
-            .env(
-                "VMDEV_LOG",
-                std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
             .spawn()
             .expect("spawn vmdev-datapath");
         self.datapaths.push((name.to_string(), child));
@@ -164,19 +168,7 @@ impl Daemons {
             let _ = c.wait();
         }
         self.datapaths.clear();
-        self.control = Command::new(bin_path("vmdev-control"))
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .env(
-                "VMDEV_LOG",
-                std::env::var("VMDEV_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn vmdev-control");
-        wait_until("control.sock", STARTUP, || {
-            TransportClient::connect(&self.run_dir).is_ok()
-        });
+        self.control = spawn_control(&self.run_dir);
     }
 
     /// Whether the control plane process is still running.

@@ -139,6 +139,15 @@ fn absolute(p: Option<PathBuf>) -> anyhow::Result<Option<String>> {
     .map(|p| p.to_string_lossy().into_owned()))
 }
 
+/// `k=v,k=v` and ` vhost-user=PATH` (or nothing) for the text listings.
+fn describe(attrs: &[(String, String)], vhost_user: Option<&str>) -> (String, String) {
+    let kv: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let door = vhost_user
+        .map(|p| format!(" vhost-user={p}"))
+        .unwrap_or_default();
+    (kv.join(","), door)
+}
+
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -173,18 +182,11 @@ fn main() -> anyhow::Result<()> {
                 return print_json(&defs);
             }
             for d in defs {
-                let attrs: Vec<String> = d.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let door = d
-                    .vhost_user
-                    .map(|p| format!(" vhost-user={p}"))
-                    .unwrap_or_default();
+                let (attrs, door) = describe(&d.attrs, d.vhost_user.as_deref());
                 let auto = if d.auto { " auto" } else { "" };
                 println!(
                     "{} {} {}{auto} {}{door}",
-                    d.uuid,
-                    d.parent,
-                    d.device_type,
-                    attrs.join(",")
+                    d.uuid, d.parent, d.device_type, attrs
                 );
             }
         }
@@ -194,11 +196,7 @@ fn main() -> anyhow::Result<()> {
                 return print_json(&devices);
             }
             for d in devices {
-                let attrs: Vec<String> = d.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                let door = d
-                    .vhost_user
-                    .map(|p| format!(" vhost-user={p}"))
-                    .unwrap_or_default();
+                let (attrs, door) = describe(&d.attrs, d.vhost_user.as_deref());
                 println!(
                     "{} {} {} status={:#04x}{}{} {}{door}",
                     d.uuid,
@@ -207,7 +205,7 @@ fn main() -> anyhow::Result<()> {
                     d.status,
                     if d.claimed { " claimed" } else { "" },
                     if d.attached { " attached" } else { "" },
-                    attrs.join(",")
+                    attrs
                 );
             }
         }
