@@ -184,7 +184,16 @@ impl Server {
         );
         if let Reply::Started(_) = r {
             if let Some(slot) = lock(&self.registry).devices.get(&st.uuid).cloned() {
-                lock(&slot.dev).base_stats = st.stats;
+                let mut d = lock(&slot.dev);
+                d.base_stats = st.stats.clone();
+                // The driver that kept its memory takes the device over at the saved
+                // features and ring positions (status FEATURES_OK); a driver that resets
+                // starts afresh.
+                if let Err(e) = d.model.load_state(st.features, st.status, &st.queues) {
+                    drop(d);
+                    self.stop_device(st.uuid);
+                    return Reply::Error(e);
+                }
             }
         }
         r

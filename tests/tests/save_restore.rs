@@ -151,3 +151,88 @@ fn driver_saves_a_suspended_device_and_loads_it_into_a_fresh_one() {
         "only into a reset device"
     );
 }
+
+fn ctl_ok(d: &Daemons, args: &[&str]) {
+    let out = d.vmdevctl(args);
+    assert!(
+        out.status.success(),
+        "vmdevctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn save_stop_restore_elsewhere_and_the_same_driver_continues_at_its_ring_positions() {
+    let mut d = Daemons::start();
+    d.add_datapath("dp0");
+    d.add_datapath("dp1");
+    let uuid = d.start_device("dp0", &["mac=52:54:00:12:34:56"]);
+    let u = uuid.to_string();
+    let mut drv = NetDriver::open(&d.run_dir, uuid, NetDriverConfig::default()).unwrap();
+    let features = drv.features();
+    run_frames(&mut drv, 0, 300);
+    let file = d.run_dir.join("dev.json");
+    let f = file.to_str().unwrap();
+    ctl_ok(&d, &["save", "-u", &u, f]);
+    ctl_ok(&d, &["stop", "-u", &u]);
+    assert!(
+        drv.wait_config_signal(Duration::from_secs(20)).unwrap(),
+        "the driver hears that its device went away"
+    );
+    ctl_ok(&d, &["restore", f, "-p", "dp1"]);
+
+    // The restored device waits at the saved features and ring positions.
+    let mut c = d.client();
+    let dev = c.list_devices().unwrap();
+    let dev = dev.iter().find(|x| x.uuid == uuid).expect("restored");
+    assert_eq!(dev.parent, "dp1");
+    drv.reattach(&d.run_dir, None).unwrap();
+    assert_eq!(drv.features(), features);
+    assert_eq!(drv.mac(), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    assert_eq!(
+        drv.client().queue_state(1).unwrap(),
+        VqState::Split {
+            avail_index: 300,
+            used_index: 300
+        }
+    );
+    // Sequence numbers continue: a device that started its rings at 0 again would replay
+    // old descriptors and the next frame would not be 300.
+    run_frames(&mut drv, 300, 200);
+    assert_eq!(c.stats(uuid).unwrap().queues[1].packets, 500);
+
+    // A device started afresh holds no state to continue from: the driver is told so, then
+    // brings a saved state itself (as a VMM carries it in its migration stream).
+    ctl_ok(&d, &["save", "-u", &u, f]);
+    ctl_ok(&d, &["stop", "-u", &u]);
+    assert!(drv.wait_config_signal(Duration::from_secs(20)).unwrap());
+    ctl_ok(
+        &d,
+        &[
+            "start",
+            "-p",
+            "dp0",
+            "-t",
+            "net-loopback",
+            "-u",
+            &u,
+            "--attr",
+            "mac=52:54:00:12:34:56",
+        ],
+    );
+    let e = drv.reattach(&d.run_dir, None).unwrap_err();
+    assert!(e.to_string().contains("no saved state"), "{e}");
+    wait_until(
+        "the refused driver's release",
+        Duration::from_secs(20),
+        || {
+            c.list_devices()
+                .unwrap()
+                .iter()
+                .any(|x| x.uuid == uuid && !x.claimed)
+        },
+    );
+    drv.reattach(&d.run_dir, Some(std::fs::read(&file).unwrap()))
+        .unwrap();
+    run_frames(&mut drv, 500, 100);
+}

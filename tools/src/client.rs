@@ -269,6 +269,11 @@ impl TransportClient {
         self.value(&Request::GetDeviceFeatures)
     }
 
+    /// The features the driver accepted (or a loaded state carries).
+    pub fn driver_features(&mut self) -> Result<u64, ProtoError> {
+        self.value(&Request::GetDriverFeatures)
+    }
+
     /// Accepts features.
     pub fn set_driver_features(&mut self, f: u64) -> Result<(), ProtoError> {
         self.ok(&Request::SetDriverFeatures(f), &[])

@@ -4,7 +4,7 @@
 
 use crate::client::TransportClient;
 use crate::sys;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +130,7 @@ pub struct NetDriver {
     uuid: Uuid,
     cfg: NetDriverConfig,
     mem: Arc<GuestMemory>,
+    memfd: OwnedFd,
     features: u64,
     mac: [u8; 6],
     mtu: u16,
@@ -282,13 +283,7 @@ impl NetDriver {
         let call = [sys::eventfd()?, sys::eventfd()?];
         let config_fd = sys::eventfd()?;
         let rf = RingFeatures::from_bits(features);
-        for q in 0..2u16 {
-            let r = rings[q as usize];
-            c.set_queue_size(q, r.size)?;
-            c.set_queue_address(q, r.desc, r.driver, r.device)?;
-            c.set_queue_kick(q, kick[q as usize].as_fd())?;
-            c.set_queue_call(q, call[q as usize].as_fd())?;
-        }
+        Self::hand_queues(&mut c, &rings, &kick, &call)?;
         let mk = |r: RingAddrs| {
             DriverQueue::new(
                 Arc::clone(&mem),
@@ -301,16 +296,14 @@ impl NetDriver {
         };
         let rx = mk(rings[0])?;
         let tx = mk(rings[1])?;
-        for q in 0..2u16 {
-            c.set_queue_ready(q, true)?;
-        }
-        c.set_config_notify(config_fd.as_fd())?;
+        Self::ready_queues(&mut c, config_fd.as_fd())?;
 
         let mut drv = NetDriver {
             client: c,
             uuid,
             cfg,
             mem,
+            memfd,
             features,
             mac,
             mtu,
@@ -344,6 +337,80 @@ impl NetDriver {
         drv.client
             .set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK)?;
         Ok(drv)
+    }
+
+    /// Hands both queues' sizes, ring addresses and eventfds to the device.
+    fn hand_queues(
+        c: &mut TransportClient,
+        rings: &[RingAddrs; 2],
+        kick: &[OwnedFd; 2],
+        call: &[OwnedFd; 2],
+    ) -> Result<(), DriverError> {
+        for (q, ((r, k), cl)) in rings.iter().zip(kick).zip(call).enumerate() {
+            let q = q as u16;
+            c.set_queue_size(q, r.size)?;
+            c.set_queue_address(q, r.desc, r.driver, r.device)?;
+            c.set_queue_kick(q, k.as_fd())?;
+            c.set_queue_call(q, cl.as_fd())?;
+        }
+        Ok(())
+    }
+
+    /// Marks both queues ready and hands the config-change eventfd.
+    fn ready_queues(c: &mut TransportClient, config: BorrowedFd<'_>) -> Result<(), DriverError> {
+        for q in 0..2u16 {
+            c.set_queue_ready(q, true)?;
+        }
+        Ok(c.set_config_notify(config)?)
+    }
+
+    /// Takes the device over again on a new connection — after it was stopped and restored
+    /// elsewhere, or its control connection was lost — keeping this driver's memory, rings,
+    /// posted buffers and eventfds. The device continues from the ring positions of its saved
+    /// state: `saved` (a blob from `save_state` or `vmdevctl save`, loaded after a reset) or,
+    /// with `None`, the state `vmdevctl restore` already loaded into it. Features and MAC
+    /// must be the ones this driver runs with.
+    pub fn reattach(&mut self, run_dir: &Path, saved: Option<Vec<u8>>) -> Result<(), DriverError> {
+        let mut c = TransportClient::connect(run_dir)?;
+        c.open(self.uuid)?;
+        if let Some(blob) = saved {
+            c.reset()?;
+            c.load_state(blob)?;
+        }
+        let status = c.status()?;
+        if status & (st::FEATURES_OK | st::DRIVER_OK | st::NEEDS_RESET) != st::FEATURES_OK {
+            return Err(DriverError::Device(format!(
+                "the device holds no saved state to continue from (status {status:#x})"
+            )));
+        }
+        let features = c.driver_features()?;
+        if features != self.features {
+            return Err(DriverError::Device(format!(
+                "the saved state has features {features:#x}, this driver runs with {:#x}",
+                self.features
+            )));
+        }
+        let mac = c.read_config(0, 6)?;
+        if mac != self.mac {
+            return Err(DriverError::Device(format!(
+                "the device's MAC {mac:02x?} is not this driver's {:02x?}",
+                self.mac
+            )));
+        }
+        let size = self
+            .mem
+            .region_sizes()
+            .first()
+            .copied()
+            .ok_or_else(|| DriverError::Device("no memory".into()))?;
+        c.add_mem_region(self.memfd.as_fd(), GUEST_BASE, size, 0)?;
+        Self::hand_queues(&mut c, &self.rings, &self.kick, &self.call)?;
+        Self::ready_queues(&mut c, self.config.as_fd())?;
+        c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK)?;
+        self.client = c;
+        // Whatever the device missed while it was away is waiting in the rings.
+        self.kick(0)?;
+        self.kick(1)
     }
 
     fn post_rx(&mut self, buf: u32) -> Result<(), DriverError> {
@@ -673,6 +740,7 @@ impl NetDriver {
         self.rx.remap(Arc::clone(&new_mem))?;
         self.tx.remap(Arc::clone(&new_mem))?;
         self.mem = new_mem;
+        self.memfd = new_fd;
         Ok(LiveCopyReport {
             rounds,
             final_pages: last,
