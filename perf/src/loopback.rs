@@ -16,25 +16,25 @@ use vmdev_tools::{NetDriver, NetDriverConfig, NotifyMode, TransportClient};
 pub struct Common {
     /// The control plane's run directory.
     #[arg(long, env = "VMDEV_RUN_DIR", default_value = "/run/vmdev")]
-    run_dir: PathBuf,
+    pub run_dir: PathBuf,
     /// Device UUID (a started net-loopback device).
     #[arg(short, long)]
-    uuid: Uuid,
+    pub uuid: Uuid,
     /// Frame size in bytes (Ethernet header + payload, 60..=MTU+14).
     #[arg(long, default_value_t = 64)]
-    size: usize,
+    pub size: usize,
     /// CPU to pin the driver to (default: a CPU other than the datapath's, if any).
     #[arg(long)]
-    cpu: Option<usize>,
+    pub cpu: Option<usize>,
     /// Sleep on the call eventfd instead of busy-polling the used ring.
     #[arg(long)]
-    interrupts: bool,
+    pub interrupts: bool,
     /// Round trips per floor measurement (0 skips the floors).
     #[arg(long, default_value_t = 20_000)]
-    floor_iters: u64,
+    pub floor_iters: u64,
     /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// Arguments of `vmdev-perf latency`.
@@ -63,14 +63,86 @@ pub struct ThroughputArgs {
     batch: usize,
 }
 
-struct Setup {
-    drv: NetDriver,
-    frame: Vec<u8>,
-    cpus: Option<(usize, usize)>,
-    parent: String,
+/// A driver and a frame, set up and pinned for a benchmark.
+pub(crate) struct Setup {
+    pub drv: NetDriver,
+    pub frame: Vec<u8>,
+    pub cpus: Option<(usize, usize)>,
+    pub parent: String,
 }
 
-fn setup(c: &Common) -> Result<Setup> {
+/// Offset of the sequence number stamped into each frame (after the Ethernet header).
+const SEQ_AT: usize = 14;
+
+/// Keeps a window of frames in flight: queues up to `batch` per flush, stamps each with its
+/// sequence number and checks that every frame comes back once and in order.
+pub(crate) struct Pump {
+    pub sent: u64,
+    pub got: u64,
+    pub batch: usize,
+    window: u64,
+    buf: Vec<u8>,
+    last_progress: Instant,
+}
+
+impl Pump {
+    pub fn new(drv: &NetDriver, batch: usize) -> Self {
+        Pump {
+            sent: 0,
+            got: 0,
+            batch: batch.max(1),
+            window: drv.max_in_flight() as u64,
+            buf: Vec::new(),
+            last_progress: Instant::now(),
+        }
+    }
+
+    /// One round: queue and flush a batch, take every frame that came back (sleeping on
+    /// the call eventfd when nothing moved). Returns the frames received.
+    pub fn step(&mut self, drv: &mut NetDriver, frame: &mut [u8]) -> Result<u64> {
+        let mut queued = 0;
+        while queued < self.batch && self.sent - self.got < self.window {
+            if let Some(seq) = frame.get_mut(SEQ_AT..SEQ_AT + 8) {
+                seq.copy_from_slice(&self.sent.to_le_bytes());
+            }
+            if !drv.queue_frame(frame)? {
+                break;
+            }
+            self.sent += 1;
+            queued += 1;
+        }
+        drv.flush()?;
+        let before = self.got;
+        while drv.recv_into(&mut self.buf)? {
+            let seq = self.buf.get(SEQ_AT..SEQ_AT + 8).map(|b| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                u64::from_le_bytes(a)
+            });
+            if seq != Some(self.got) || self.buf.len() != frame.len() {
+                bail!(
+                    "frame {} came back as {seq:?} with {} bytes: lost, duplicated or reordered",
+                    self.got,
+                    self.buf.len()
+                );
+            }
+            self.got += 1;
+        }
+        let now = Instant::now();
+        if self.got > before || queued > 0 {
+            self.last_progress = now;
+        } else {
+            if now - self.last_progress > Duration::from_secs(5) {
+                bail!("no progress for 5 s (is the datapath running?)");
+            }
+            drv.wait_rx(Duration::from_millis(100))?;
+        }
+        Ok(self.got - before)
+    }
+}
+
+/// Opens the device of `c` with vmdev's own driver, pinned away from its datapath.
+pub(crate) fn setup(c: &Common) -> Result<Setup> {
     let mut client = TransportClient::connect(&c.run_dir)?;
     let dev = client
         .list_devices()?
@@ -236,45 +308,25 @@ fn print_floors(fl: &[FloorResult], ours_ns: f64, what: &str) {
 /// Runs `vmdev-perf throughput`.
 pub fn throughput(a: &ThroughputArgs) -> Result<()> {
     let mut s = setup(&a.common)?;
-    let batch = a.batch.max(1);
-    let window = s.drv.max_in_flight() as u64;
-    let mut buf = Vec::new();
-    let (mut sent, mut got) = (0u64, 0u64);
+    let mut pump = Pump::new(&s.drv, a.batch);
     let warmup_end = Instant::now() + Duration::from_millis(200);
     let mut start: Option<(Instant, u64)> = None;
     let measure = Duration::from_secs_f64(a.seconds.max(0.1));
-    let mut last_progress = Instant::now();
     loop {
         let now = Instant::now();
         match start {
-            None if now >= warmup_end => start = Some((now, got)),
+            None if now >= warmup_end => start = Some((now, pump.got)),
             Some((t0, _)) if now - t0 >= measure => break,
             _ => {}
         }
-        let mut queued = 0;
-        while queued < batch && sent - got < window && s.drv.queue_frame(&s.frame)? {
-            sent += 1;
-            queued += 1;
-        }
-        s.drv.flush()?;
-        let before = got;
-        while s.drv.recv_into(&mut buf)? {
-            got += 1;
-        }
-        if got > before || queued > 0 {
-            last_progress = now;
-        } else {
-            if now - last_progress > Duration::from_secs(5) {
-                bail!("no progress for 5 s (is the datapath running?)");
-            }
-            s.drv.wait_rx(Duration::from_millis(100))?;
-        }
+        pump.step(&mut s.drv, &mut s.frame)?;
     }
     let Some((t0, got0)) = start else {
         bail!("measurement never started")
     };
     let secs = t0.elapsed().as_secs_f64();
-    let frames = got - got0;
+    let frames = pump.got - got0;
+    let batch = pump.batch;
     drop(s.drv);
     let fps = frames as f64 / secs;
     let gbps = fps * a.common.size as f64 * 8.0 / 1e9;

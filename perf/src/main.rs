@@ -3,6 +3,7 @@
 mod floors;
 mod hgrm;
 mod loopback;
+mod migration;
 mod pin;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,10 @@ enum Cmd {
     Latency(loopback::LatencyArgs),
     /// Frames per second and Gbit/s through a net-loopback device.
     Throughput(loopback::ThroughputArgs),
+    /// The pause a streaming driver sees while its device moves between two datapaths.
+    Migrate(migration::MigrateArgs),
+    /// Throughput with dirty logging off and on, alternating in the same run.
+    DirtyLog(migration::DirtyLogArgs),
     /// Measure the floors: shared-memory, eventfd and Unix-socket round trips between two
     /// processes.
     Floors(floors::FloorsArgs),
@@ -40,6 +45,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Latency(args) => loopback::latency(&args),
         Cmd::Throughput(args) => loopback::throughput(&args),
+        Cmd::Migrate(args) => migration::migrate(&args),
+        Cmd::DirtyLog(args) => migration::dirty_log(&args),
         Cmd::Floors(args) => floors::run_cli(&args),
         Cmd::FloorPeer(args) => floors::run_peer(&args),
     }
