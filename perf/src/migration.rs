@@ -11,8 +11,8 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmdev_shm_ring::dirty::{bitmap_len, DirtyLog};
 use vmdev_shm_ring::create_sealed_memfd;
+use vmdev_shm_ring::dirty::{bitmap_len, DirtyLog};
 use vmdev_tools::TransportClient;
 
 /// Arguments of `vmdev-perf migrate`.
@@ -138,13 +138,7 @@ pub fn migrate(a: &MigrateArgs) -> Result<()> {
             .unwrap_or(0);
         pause.saturating_record(longest);
     }
-    let row = |h: &Histogram<u64>| {
-        (
-            h.value_at_quantile(0.5),
-            h.value_at_quantile(0.99),
-            h.max(),
-        )
-    };
+    let row = |h: &Histogram<u64>| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max());
     let (c50, c99, cmax) = row(&cmd);
     let (p50, p99, pmax) = row(&pause);
     if a.common.json {

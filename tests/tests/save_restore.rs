@@ -84,28 +84,6 @@ fn save_and_restore_a_device_with_its_state_and_counters() {
     let mut drv = NetDriver::open(&d.run_dir, uuid, NetDriverConfig::default()).unwrap();
     assert_eq!(drv.mac(), [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
     run_frames(&mut drv, 0, 50);
-
-    // Bad blobs get clear errors: a flipped digit, a cut-off file, another version, garbage.
-    let good = std::fs::read(&file).unwrap();
-    let text = String::from_utf8(good.clone()).unwrap();
-    let flipped = text.replacen("\"packets\": 300", "\"packets\": 301", 1);
-    assert_ne!(flipped, text);
-    std::fs::write(&file, flipped).unwrap();
-    let out = d.vmdevctl(&["restore", file.to_str().unwrap(), "-p", "dp0"]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("checksum"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&file, &good[..good.len() / 2]).unwrap();
-    let out = d.vmdevctl(&["restore", file.to_str().unwrap(), "-p", "dp0"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a device state blob"));
-    std::fs::write(&file, br#"{"format":"vmdev-device-state","version":99}"#).unwrap();
-    let out = d.vmdevctl(&["restore", file.to_str().unwrap()]);
-    assert!(!out.status.success());
-    std::fs::write(&file, b"garbage").unwrap();
-    let out = d.vmdevctl(&["restore", file.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a device state blob"));
 }
 
 #[test]
