@@ -7,6 +7,8 @@
 //! * [`parent`]: the link to one datapath process (numbered requests, replies, events).
 //! * [`server`]: the daemon: sockets, connections, and carrying out the model's actions.
 //! * [`vhost_user`]: the vhost-user front door (QEMU, DPDK virtio-user).
+//! * [`vduse`]: the VDUSE front door (the kernel's virtio_vdpa / vhost_vdpa), with
+//!   [`vduse_sys`] (the VDUSE uAPI) and [`vdpa`] (vDPA bus netlink and sysfs binding).
 
 pub mod defined;
 pub mod model;
@@ -15,4 +17,7 @@ pub mod profile;
 pub mod registry;
 pub mod server;
 pub mod sys;
+pub mod vdpa;
+pub mod vduse;
+pub mod vduse_sys;
 pub mod vhost_user;

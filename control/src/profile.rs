@@ -135,9 +135,37 @@ fn net_loopback(attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile,
     })
 }
 
+/// The form of a profile that the kernel accepts over VDUSE: addresses are IOVAs
+/// (ACCESS_PLATFORM offered), and a net device has no control queue, hence one queue pair.
+pub fn vduse_form(mut p: DeviceProfile) -> Result<DeviceProfile, WireError> {
+    if p.device_id == device_id::NET {
+        if p.num_queues > 3 {
+            return Err(bad(
+                "a VDUSE net device has no control queue, hence one queue pair only".into(),
+            ));
+        }
+        p.offered &= !(f::NET_F_CTRL_VQ | f::NET_F_MQ);
+        p.num_queues = 2;
+        p.required_queues.retain(|&q| q < 2);
+    }
+    p.offered |= f::ACCESS_PLATFORM | f::VERSION_1;
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vduse_form_has_no_control_queue_and_offers_access_platform() {
+        let p = vduse_form(build(NET_LOOPBACK, &[], 0).unwrap()).unwrap();
+        assert_eq!(p.num_queues, 2);
+        assert_eq!(p.offered & (f::NET_F_CTRL_VQ | f::NET_F_MQ), 0);
+        assert_ne!(p.offered & f::ACCESS_PLATFORM, 0);
+        let two = vec![("queue-pairs".to_string(), "2".to_string())];
+        let e = vduse_form(build(NET_LOOPBACK, &two, 0).unwrap()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadArgument);
+    }
 
     #[test]
     fn attributes_are_validated() {

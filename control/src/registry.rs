@@ -30,6 +30,8 @@ pub struct Device {
     pub removed: bool,
     /// The vhost-user front door, if the device has one.
     pub door: Option<Arc<crate::vhost_user::Door>>,
+    /// The VDUSE front door, if the device has one.
+    pub vduse: Option<Arc<crate::vduse::VduseDoor>>,
 }
 
 /// A device entry as the registry indexes it.
@@ -115,6 +117,12 @@ impl Registry {
                     attached: d.model.is_attached(),
                     attrs: d.attrs.clone(),
                     vhost_user: d.door.as_ref().map(|door| door.path.display().to_string()),
+                    vduse: d.vduse.as_ref().map(|v| {
+                        (
+                            v.name.clone(),
+                            v.vhost_path.as_ref().map(|p| p.display().to_string()),
+                        )
+                    }),
                 }
             })
             .collect();

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 use vmdev_proto::datapath::{DpEvent, DpOp, DpReply, FromDatapath, ToDatapath};
 use vmdev_proto::transport::{
-    DefinedDevice, DeviceState, DeviceStats, Reply, Request, DEVICE_STATE_FORMAT,
+    DefinedDevice, DeviceState, DeviceStats, Reply, Request, VduseBind, DEVICE_STATE_FORMAT,
     DEVICE_STATE_VERSION,
 };
 use vmdev_proto::virtio::status as st;
@@ -181,6 +181,7 @@ impl Server {
             Some(st.uuid),
             st.attrs.clone(),
             None,
+            None,
         );
         if let Reply::Started(_) = r {
             if let Some(slot) = lock(&self.registry).devices.get(&st.uuid).cloned() {
@@ -247,6 +248,7 @@ impl Server {
                 Some(def.uuid),
                 def.attrs,
                 def.vhost_user,
+                None,
             ) {
                 Reply::Error(e) => tracing::warn!(uuid = %def.uuid, "auto-start failed: {e}"),
                 _ => {
@@ -378,7 +380,15 @@ impl Server {
                 uuid,
                 attrs,
                 vhost_user,
-            } => self.start_device(&parent, &device_type, uuid, attrs, vhost_user),
+            } => self.start_device(&parent, &device_type, uuid, attrs, vhost_user, None),
+            Request::StartVduseDevice {
+                parent,
+                device_type,
+                uuid,
+                attrs,
+                name,
+                bind,
+            } => self.start_device(&parent, &device_type, uuid, attrs, None, Some((name, bind))),
             Request::StopDevice { uuid } => self.stop_device(uuid),
             Request::DefineDevice(def) => self.define(def),
             Request::SaveDevice { uuid } => self.save_device(uuid),
@@ -399,6 +409,7 @@ impl Server {
                     Some(uuid),
                     def.attrs,
                     def.vhost_user,
+                    None,
                 )
             }
             Request::MigrateDevice { uuid, to } => self.migrate(uuid, &to),
@@ -546,6 +557,7 @@ impl Server {
         uuid: Option<Uuid>,
         attrs: Vec<(String, String)>,
         vhost_user: Option<String>,
+        vduse: Option<(String, VduseBind)>,
     ) -> Reply {
         let uuid = uuid.unwrap_or_else(Uuid::new_v4);
         let mut reg = lock(&self.registry);
@@ -601,6 +613,10 @@ impl Server {
             );
         }
         let profile = match profile::build(device_type, &device_attrs, uuid.as_u128()) {
+            Ok(p) if vduse.is_some() => match profile::vduse_form(p) {
+                Ok(p) => p,
+                Err(e) => return Reply::Error(e),
+            },
             Ok(p) => p,
             Err(e) => return Reply::Error(e),
         };
@@ -626,7 +642,8 @@ impl Server {
         let dev = Arc::new(Mutex::new(Device {
             uuid,
             attrs,
-            model: if door_attrs.iter().any(|(_, v)| v == "accept") {
+            // Memory of a VDUSE device comes from the kernel (IOTLB fds), not a driver.
+            model: if vduse.is_some() || door_attrs.iter().any(|(_, v)| v == "accept") {
                 DeviceModel::new(profile).trust_unsealed_memory()
             } else {
                 DeviceModel::new(profile)
@@ -637,6 +654,7 @@ impl Server {
             base_stats: DeviceStats::default(),
             removed: false,
             door: door.clone(),
+            vduse: None,
         }));
         reg.handles.insert(handle, uuid);
         reg.devices.insert(
@@ -649,11 +667,31 @@ impl Server {
         );
         if let Some(door) = door {
             let me = Arc::clone(self);
+            let dev = Arc::clone(&dev);
             let spawned = std::thread::Builder::new()
                 .name("vhost-user".into())
                 .spawn(move || door.run(me, dev));
             if let Err(e) = spawned {
                 tracing::error!("cannot start the vhost-user thread: {e}");
+            }
+        }
+        drop(reg);
+        if let Some((name, bind)) = vduse {
+            // The door holds the device: no vmdev-protocol driver may open it.
+            lock(&dev).claimed_by = Some(self.new_conn_id());
+            let bind = match bind {
+                VduseBind::Virtio => crate::vdpa::Bind::Virtio,
+                VduseBind::Vhost => crate::vdpa::Bind::Vhost,
+            };
+            match crate::vduse::VduseDoor::start(Arc::clone(&dev), &name, bind) {
+                Ok(door) => lock(&dev).vduse = Some(door),
+                Err(e) => {
+                    lock(&self.registry).remove(&uuid);
+                    let mut d = lock(&dev);
+                    Self::detach(&mut d);
+                    d.removed = true;
+                    return Reply::Error(e);
+                }
             }
         }
         tracing::info!(%uuid, parent, device_type, "device started");
@@ -760,6 +798,12 @@ impl Server {
         let Some(slot) = lock(&self.registry).remove(&uuid) else {
             return werr(ErrorCode::NoSuchDevice, format!("no device {uuid}"));
         };
+        // The kernel resets a VDUSE device through its door while leaving the bus: close
+        // that door first, without holding the device.
+        let vduse = lock(&slot.dev).vduse.take();
+        if let Some(v) = vduse {
+            v.close();
+        }
         let mut d = lock(&slot.dev);
         Self::detach(&mut d);
         d.removed = true;

@@ -36,6 +36,8 @@ pub enum ErrorCode {
     Datapath,
     /// Unexpected internal failure.
     Internal,
+    /// This host lacks what the request needs (a kernel module, a privilege).
+    Unavailable,
 }
 
 /// A typed error carried in a reply: a code for programs and a message for people.

@@ -216,6 +216,31 @@ pub enum Request {
         /// Guest address the region was added with.
         guest_addr: u64,
     },
+    /// Management: starts a device served to the Linux kernel through VDUSE: a vDPA
+    /// device named `name`, bound to `virtio_vdpa` or `vhost_vdpa` (root only).
+    StartVduseDevice {
+        /// Parent (datapath) name.
+        parent: String,
+        /// Device type, e.g. `net-loopback`.
+        device_type: String,
+        /// UUID to use; a random one when absent.
+        uuid: Option<Uuid>,
+        /// Attributes such as `mac`, `mtu`, `queue-size`.
+        attrs: Vec<(String, String)>,
+        /// VDUSE / vDPA device name.
+        name: String,
+        /// Which kernel driver gets it.
+        bind: VduseBind,
+    },
+}
+
+/// The kernel driver a VDUSE device is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VduseBind {
+    /// `virtio_vdpa`: the kernel's own virtio driver (e.g. virtio_net) uses the device.
+    Virtio,
+    /// `vhost_vdpa`: `/dev/vhost-vdpa-N` for a VMM or a userspace driver.
+    Vhost,
 }
 
 /// A reply from the control plane.
@@ -378,6 +403,8 @@ pub struct DeviceInfo {
     pub attrs: Vec<(String, String)>,
     /// vhost-user socket path, if the device has that front door.
     pub vhost_user: Option<String>,
+    /// VDUSE device name and, bound to vhost_vdpa, its `/dev/vhost-vdpa-N`.
+    pub vduse: Option<(String, Option<String>)>,
 }
 
 /// Counters of one virtqueue.

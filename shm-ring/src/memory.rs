@@ -67,7 +67,8 @@ pub enum SealPolicy {
     /// F_SEAL_SHRINK is required (the default: a driver cannot SIGBUS whoever maps it).
     #[default]
     Required,
-    /// The owner is trusted not to truncate the memfd (front ends that cannot seal).
+    /// The owner is trusted not to truncate the memory: front ends that cannot seal their
+    /// memfds, and the kernel's VDUSE IOTLB fds (not memfds at all).
     Trusted,
 }
 
@@ -82,6 +83,14 @@ pub fn check_memfd(
     // SAFETY: F_GET_SEALS only reads the fd's seal set.
     let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 {
+        if policy == SealPolicy::Trusted {
+            // A trusted owner's mapping that is not a memfd (e.g. a VDUSE IOTLB fd from the
+            // kernel): it has no meaningful size to check; the owner backs what it maps.
+            offset
+                .checked_add(size)
+                .ok_or_else(|| MemError::BadRegion("offset + size overflows".into()))?;
+            return Ok(());
+        }
         return Err(MemError::NotMemfd(
             std::io::Error::last_os_error().to_string(),
         ));

@@ -2,6 +2,7 @@
 # Builds the Linux test guest for vmdev's vhost-user backend:
 #   OUTDIR/vmlinuz    Debian bookworm-backports kernel
 #   OUTDIR/initrd.gz  busybox + /init + virtio_net (and vdpa/vduse) modules + /bin/pkt-check
+#                     + static vmdev-control, vmdev-datapath, vmdevctl, vmdev-perf
 # Idempotent: missing packages are installed once, the kernel .deb is cached in OUTDIR,
 # and the initramfs is reproducible (sorted paths, mtime 0, owner 0:0, gzip -n).
 # Usage: tests/guest/build-image.sh OUTDIR
@@ -88,6 +89,19 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
     --target x86_64-unknown-linux-gnu --manifest-path "$HERE/pkt-check/Cargo.toml" ||
     die "building pkt-check failed"
 PKT_CHECK="$HERE/pkt-check/target/x86_64-unknown-linux-gnu/release/pkt-check"
+# vmdev's own binaries run inside the guest for the VDUSE door (the host kernel has no vduse).
+log "building vmdev-control, vmdev-datapath, vmdevctl, vmdev-perf (static) for the guest"
+WORKSPACE=$(cd "$HERE/../.." && pwd)
+VMDEV_BINS=(vmdev-control vmdev-datapath vmdevctl vmdev-perf)
+if ! CARGO_TARGET_DIR="$OUT/cargo-target" RUSTFLAGS="-C target-feature=+crt-static" cargo build \
+    --quiet --release --target x86_64-unknown-linux-gnu --manifest-path "$WORKSPACE/Cargo.toml" \
+    $(printf -- '--bin %s ' "${VMDEV_BINS[@]}") 2>"$OUT/cargo-static.log"; then
+    cat "$OUT/cargo-static.log" >&2
+    die "building the vmdev binaries (static) failed"
+fi
+for b in "${VMDEV_BINS[@]}"; do
+    [ -x "$OUT/cargo-target/x86_64-unknown-linux-gnu/release/$b" ] || die "building $b (static) failed"
+done
 
 # ---- initramfs tree -------------------------------------------------------------------
 ROOT="$OUT/initramfs-root"
@@ -98,6 +112,9 @@ for applet in $("$ROOT/bin/busybox" --list); do
     [ -e "$ROOT/bin/$applet" ] || ln -s busybox "$ROOT/bin/$applet"
 done
 cp "$PKT_CHECK" "$ROOT/bin/pkt-check"
+for b in "${VMDEV_BINS[@]}"; do
+    cp "$OUT/cargo-target/x86_64-unknown-linux-gnu/release/$b" "$ROOT/bin/$b"
+done
 cp "$HERE/init" "$ROOT/init"
 chmod 755 "$ROOT/init" "$ROOT/bin/pkt-check"
 

@@ -5,7 +5,7 @@ use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use uuid::Uuid;
-use vmdev_proto::transport::{DeviceInfo, DeviceStats, ParentInfo, Reply, Request};
+use vmdev_proto::transport::{DeviceInfo, DeviceStats, ParentInfo, Reply, Request, VduseBind};
 use vmdev_proto::{Channel, Hello, ProtoError};
 
 /// A connected, handshaken transport client.
@@ -115,6 +115,31 @@ impl TransportClient {
             uuid,
             attrs,
             vhost_user: vhost_user.map(str::to_string),
+        };
+        match self.request(&req, &[])? {
+            Reply::Started(u) => Ok(u),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Creates a device served to the Linux kernel through VDUSE as vDPA device `name`,
+    /// bound to `bind`'s driver; returns its UUID.
+    pub fn start_vduse_device(
+        &mut self,
+        parent: &str,
+        device_type: &str,
+        uuid: Option<Uuid>,
+        attrs: Vec<(String, String)>,
+        name: &str,
+        bind: VduseBind,
+    ) -> Result<Uuid, ProtoError> {
+        let req = Request::StartVduseDevice {
+            parent: parent.into(),
+            device_type: device_type.into(),
+            uuid,
+            attrs,
+            name: name.into(),
+            bind,
         };
         match self.request(&req, &[])? {
             Reply::Started(u) => Ok(u),

@@ -4,6 +4,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use uuid::Uuid;
+use vmdev_proto::transport::VduseBind;
 use vmdev_tools::TransportClient;
 
 /// Manage vmdev devices (mdevctl verbs over the vmdev control socket).
@@ -18,6 +19,15 @@ struct Cli {
     json: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `--bind` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BindArg {
+    /// virtio_vdpa
+    Virtio,
+    /// vhost_vdpa
+    Vhost,
 }
 
 #[derive(Subcommand)]
@@ -45,8 +55,15 @@ enum Cmd {
         #[arg(long)]
         attr: Vec<String>,
         /// Also serve the device as a vhost-user backend listening on this socket path.
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", conflicts_with = "vduse")]
         vhost_user: Option<PathBuf>,
+        /// Serve the device to the Linux kernel as VDUSE / vDPA device NAME (root only).
+        #[arg(long, value_name = "NAME")]
+        vduse: Option<String>,
+        /// With --vduse: the kernel driver that gets it (virtio: the kernel's own virtio
+        /// driver; vhost: /dev/vhost-vdpa-N).
+        #[arg(long, value_enum, default_value = "virtio", requires = "vduse")]
+        bind: BindArg,
     },
     /// Define a device persistently (kept in the control plane's devices.toml).
     Define {
@@ -139,12 +156,22 @@ fn absolute(p: Option<PathBuf>) -> anyhow::Result<Option<String>> {
     .map(|p| p.to_string_lossy().into_owned()))
 }
 
-/// `k=v,k=v` and ` vhost-user=PATH` (or nothing) for the text listings.
-fn describe(attrs: &[(String, String)], vhost_user: Option<&str>) -> (String, String) {
+/// `k=v,k=v` and ` vhost-user=PATH` / ` vduse=NAME[,DEV]` (or nothing) for the listings.
+fn describe(
+    attrs: &[(String, String)],
+    vhost_user: Option<&str>,
+    vduse: Option<&(String, Option<String>)>,
+) -> (String, String) {
     let kv: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let door = vhost_user
+    let mut door = vhost_user
         .map(|p| format!(" vhost-user={p}"))
         .unwrap_or_default();
+    if let Some((name, dev)) = vduse {
+        door.push_str(&format!(" vduse={name}"));
+        if let Some(dev) = dev {
+            door.push_str(&format!(",{dev}"));
+        }
+    }
     (kv.join(","), door)
 }
 
@@ -182,7 +209,7 @@ fn main() -> anyhow::Result<()> {
                 return print_json(&defs);
             }
             for d in defs {
-                let (attrs, door) = describe(&d.attrs, d.vhost_user.as_deref());
+                let (attrs, door) = describe(&d.attrs, d.vhost_user.as_deref(), None);
                 let auto = if d.auto { " auto" } else { "" };
                 println!(
                     "{} {} {}{auto} {}{door}",
@@ -196,7 +223,7 @@ fn main() -> anyhow::Result<()> {
                 return print_json(&devices);
             }
             for d in devices {
-                let (attrs, door) = describe(&d.attrs, d.vhost_user.as_deref());
+                let (attrs, door) = describe(&d.attrs, d.vhost_user.as_deref(), d.vduse.as_ref());
                 println!(
                     "{} {} {} status={:#04x}{}{} {}{door}",
                     d.uuid,
@@ -215,6 +242,8 @@ fn main() -> anyhow::Result<()> {
             uuid: Some(uuid),
             attr,
             vhost_user: None,
+            vduse: None,
+            ..
         } if attr.is_empty() => {
             let uuid = c.start_defined(uuid)?;
             if cli.json {
@@ -228,18 +257,26 @@ fn main() -> anyhow::Result<()> {
             uuid,
             attr,
             vhost_user,
+            vduse,
+            bind,
         } => {
             let (Some(parent), Some(device_type)) = (parent, device_type) else {
                 bail!("start needs -p PARENT and -t TYPE (or only -u UUID of a defined device)");
             };
-            let path = absolute(vhost_user)?;
-            let uuid = c.start_device(
-                &parent,
-                &device_type,
-                uuid,
-                parse_attrs(&attr)?,
-                path.as_deref(),
-            )?;
+            let attrs = parse_attrs(&attr)?;
+            let uuid = match vduse {
+                Some(name) => {
+                    let bind = match bind {
+                        BindArg::Virtio => VduseBind::Virtio,
+                        BindArg::Vhost => VduseBind::Vhost,
+                    };
+                    c.start_vduse_device(&parent, &device_type, uuid, attrs, &name, bind)?
+                }
+                None => {
+                    let path = absolute(vhost_user)?;
+                    c.start_device(&parent, &device_type, uuid, attrs, path.as_deref())?
+                }
+            };
             if cli.json {
                 return print_json(&serde_json::json!({ "uuid": uuid }));
             }
