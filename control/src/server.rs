@@ -977,10 +977,25 @@ impl Server {
                 .filter(|(_, s)| Arc::ptr_eq(&lock(&s.dev).link, link))
                 .map(|(u, _)| *u)
                 .collect();
-            uuids.iter().filter_map(|u| reg.remove(u)).collect()
+            // A VDUSE device stays (NEEDS_RESET) until `vmdevctl stop`: the kernel still has
+            // it on the vDPA bus, and its door keeps answering the kernel.
+            let (keep, gone): (Vec<Uuid>, Vec<Uuid>) = uuids.into_iter().partition(|u| {
+                reg.devices
+                    .get(u)
+                    .is_some_and(|s| lock(&s.dev).vduse.is_some())
+            });
+            let mut slots: Vec<Slot> = gone.iter().filter_map(|u| reg.remove(u)).collect();
+            slots.extend(keep.iter().filter_map(|u| reg.devices.get(u).cloned()));
+            slots
         };
         for slot in slots {
             let mut d = lock(&slot.dev);
+            if d.vduse.is_some() {
+                Self::detach(&mut d);
+                d.model.device_failed();
+                tracing::warn!(uuid = %d.uuid, parent = %link.name, "VDUSE device lost its datapath: NEEDS_RESET");
+                continue;
+            }
             d.removed = true;
             if d.model.status() & st::DRIVER_OK != 0 {
                 if let Some(fd) = d.model.device_failed() {

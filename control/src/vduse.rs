@@ -133,7 +133,7 @@ impl VduseDoor {
                     ErrorCode::Busy,
                     format!("a VDUSE device named '{name}' already exists"),
                 ),
-                _ => explain(e),
+                _ => explain(io::Error::new(e.kind(), format!("VDUSE_CREATE_DEV: {e}"))),
             })?;
         let cleanup = |ctl: &Control| {
             if let Err(e) = ctl.destroy(name) {

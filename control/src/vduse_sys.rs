@@ -214,7 +214,8 @@ impl Control {
         Ok(Control(f))
     }
 
-    /// Creates device `name` with `config` bytes (its virtio config space).
+    /// Creates device `name` with `config` bytes (its virtio config space); the error is
+    /// the bare OS error (EEXIST: the name is taken).
     pub fn create(&self, mut dc: DevConfig, config: &[u8]) -> io::Result<()> {
         dc.config_size = config.len() as u32;
         let head = std::mem::size_of::<DevConfig>();
@@ -226,12 +227,8 @@ impl Control {
             unsafe { std::slice::from_raw_parts((&dc as *const DevConfig).cast::<u8>(), head) };
         bytes[..head].copy_from_slice(dc_bytes);
         bytes[head..head + config.len()].copy_from_slice(config);
-        ioctl_ptr(
-            self.0.as_raw_fd(),
-            "VDUSE_CREATE_DEV",
-            CREATE_DEV,
-            buf.as_mut_ptr(),
-        )?;
+        // The bare OS error: callers tell EEXIST (the name is taken) from the rest.
+        ioctl_raw(self.0.as_raw_fd(), CREATE_DEV, buf.as_mut_ptr())?;
         Ok(())
     }
 

@@ -1,15 +1,18 @@
 //! `vmdev-perf latency` and `vmdev-perf throughput`: frames through a net-loopback device
-//! with vmdev's own driver, followed by the floors measured on the same cores.
+//! with vmdev's own driver — over the vmdev protocol (`-u UUID`) or the kernel's vhost-vdpa
+//! (`--vhost-vdpa /dev/vhost-vdpa-N`) — followed by the floors measured on the same cores.
 
 use crate::floors::{self, fmt_ns, FloorResult};
 use crate::{hgrm, pin};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vmdev_proto::Uuid;
-use vmdev_tools::{NetDriver, NetDriverConfig, NotifyMode, TransportClient};
+use vmdev_tools::{
+    DeviceTransport, NetDriver, NetDriverConfig, NotifyMode, TransportClient, VhostVdpa,
+};
 
 /// Options shared by both benchmarks.
 #[derive(clap::Args, Debug)]
@@ -18,12 +21,24 @@ pub struct Common {
     #[arg(long, env = "VMDEV_RUN_DIR", default_value = "/run/vmdev")]
     pub run_dir: PathBuf,
     /// Device UUID (a started net-loopback device).
-    #[arg(short, long)]
+    #[arg(
+        short,
+        long,
+        required_unless_present = "vhost_vdpa",
+        default_value_t = Uuid::nil(),
+        hide_default_value = true
+    )]
     pub uuid: Uuid,
+    /// Drive a vhost-vdpa device instead (`/dev/vhost-vdpa-N`, e.g. a net-loopback device
+    /// served through VDUSE): no control plane is asked anything, so the driver is pinned
+    /// only with --cpu.
+    #[arg(long, value_name = "PATH", conflicts_with = "uuid")]
+    pub vhost_vdpa: Option<PathBuf>,
     /// Frame size in bytes (Ethernet header + payload, 60..=MTU+14).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// CPU to pin the driver to (default: a CPU other than the datapath's, if any).
+    /// CPU to pin the driver to (default: a CPU other than the datapath's, if any; with
+    /// --vhost-vdpa, no pinning).
     #[arg(long)]
     pub cpu: Option<usize>,
     /// Sleep on the call eventfd instead of busy-polling the used ring.
@@ -64,11 +79,13 @@ pub struct ThroughputArgs {
 }
 
 /// A driver and a frame, set up and pinned for a benchmark.
-pub(crate) struct Setup {
-    pub drv: NetDriver,
+pub(crate) struct Setup<T = TransportClient> {
+    pub drv: NetDriver<T>,
     pub frame: Vec<u8>,
     pub cpus: Option<(usize, usize)>,
     pub parent: String,
+    /// The device as the user named it: its UUID or its vhost-vdpa path.
+    pub target: String,
 }
 
 /// Offset of the sequence number stamped into each frame (after the Ethernet header).
@@ -86,7 +103,7 @@ pub(crate) struct Pump {
 }
 
 impl Pump {
-    pub fn new(drv: &NetDriver, batch: usize) -> Self {
+    pub fn new<T: DeviceTransport>(drv: &NetDriver<T>, batch: usize) -> Self {
         Pump {
             sent: 0,
             got: 0,
@@ -99,7 +116,11 @@ impl Pump {
 
     /// One round: queue and flush a batch, take every frame that came back (sleeping on
     /// the call eventfd when nothing moved). Returns the frames received.
-    pub fn step(&mut self, drv: &mut NetDriver, frame: &mut [u8]) -> Result<u64> {
+    pub fn step<T: DeviceTransport>(
+        &mut self,
+        drv: &mut NetDriver<T>,
+        frame: &mut [u8],
+    ) -> Result<u64> {
         let mut queued = 0;
         while queued < self.batch && self.sent - self.got < self.window {
             if let Some(seq) = frame.get_mut(SEQ_AT..SEQ_AT + 8) {
@@ -143,6 +164,12 @@ impl Pump {
 
 /// Opens the device of `c` with vmdev's own driver, pinned away from its datapath.
 pub(crate) fn setup(c: &Common) -> Result<Setup> {
+    if let Some(path) = &c.vhost_vdpa {
+        bail!(
+            "this benchmark needs a vmdev device (-u UUID), not the vhost-vdpa device {}",
+            path.display()
+        );
+    }
     let mut client = TransportClient::connect(&c.run_dir)?;
     let dev = client
         .list_devices()?
@@ -160,40 +187,69 @@ pub(crate) fn setup(c: &Common) -> Result<Setup> {
     let my_cpu = c
         .cpu
         .or_else(|| allowed.iter().copied().find(|&x| Some(x) != dp_cpu));
-    if let Some(cpu) = my_cpu {
-        pin::pin_to_cpu(cpu).with_context(|| format!("pinning to cpu {cpu}"))?;
-    }
-    let cpus = match (my_cpu, dp_cpu) {
-        (Some(a), Some(b)) if a != b => Some((a, b)),
-        _ => pin::default_pair(),
-    };
-    let mode = if c.interrupts {
-        NotifyMode::Interrupt
-    } else {
-        NotifyMode::Poll
-    };
-    let drv = NetDriver::open(
-        &c.run_dir,
-        c.uuid,
-        NetDriverConfig {
-            mode,
-            ..Default::default()
-        },
-    )
-    .context("opening the device")?;
-    if c.size < 60 || c.size > drv.max_frame() {
-        bail!("--size must be in 60..={}", drv.max_frame());
-    }
-    let mut frame = vec![0u8; c.size];
-    frame[..6].copy_from_slice(&drv.mac());
-    frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    let cpus = pin_driver(my_cpu, dp_cpu)?;
+    let drv =
+        NetDriver::open(&c.run_dir, c.uuid, driver_config(c)).context("opening the device")?;
+    let frame = test_frame(&drv, c.size)?;
     Ok(Setup {
         drv,
         frame,
         cpus,
         parent: dev.parent,
+        target: c.uuid.to_string(),
     })
+}
+
+/// Opens vhost-vdpa device `path` with vmdev's own driver, pinned only as --cpu says (no
+/// control plane tells where the device's datapath runs).
+pub(crate) fn setup_vhost_vdpa(c: &Common, path: &Path) -> Result<Setup<VhostVdpa>> {
+    let cpus = pin_driver(c.cpu, None)?;
+    let drv = NetDriver::open_vhost_vdpa(path, driver_config(c))
+        .with_context(|| format!("opening the vhost-vdpa device {}", path.display()))?;
+    let frame = test_frame(&drv, c.size)?;
+    Ok(Setup {
+        drv,
+        frame,
+        cpus,
+        parent: "vhost-vdpa".into(),
+        target: path.display().to_string(),
+    })
+}
+
+/// Pins this thread to `my_cpu` (if any); returns the driver/datapath CPU pair the floors
+/// are measured on.
+fn pin_driver(my_cpu: Option<usize>, dp_cpu: Option<usize>) -> Result<Option<(usize, usize)>> {
+    if let Some(cpu) = my_cpu {
+        pin::pin_to_cpu(cpu).with_context(|| format!("pinning to cpu {cpu}"))?;
+    }
+    Ok(match (my_cpu, dp_cpu) {
+        (Some(a), Some(b)) if a != b => Some((a, b)),
+        _ => pin::default_pair(),
+    })
+}
+
+fn driver_config(c: &Common) -> NetDriverConfig {
+    let mode = if c.interrupts {
+        NotifyMode::Interrupt
+    } else {
+        NotifyMode::Poll
+    };
+    NetDriverConfig {
+        mode,
+        ..Default::default()
+    }
+}
+
+/// A `size`-byte frame to the device's MAC.
+fn test_frame<T: DeviceTransport>(drv: &NetDriver<T>, size: usize) -> Result<Vec<u8>> {
+    if size < 60 || size > drv.max_frame() {
+        bail!("--size must be in 60..={}", drv.max_frame());
+    }
+    let mut frame = vec![0u8; size];
+    frame[..6].copy_from_slice(&drv.mac());
+    frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+    Ok(frame)
 }
 
 fn measure_floors(c: &Common, cpus: Option<(usize, usize)>) -> Result<Vec<FloorResult>> {
@@ -203,7 +259,11 @@ fn measure_floors(c: &Common, cpus: Option<(usize, usize)>) -> Result<Vec<FloorR
     floors::run_all(c.floor_iters, cpus)
 }
 
-fn wait_one(drv: &mut NetDriver, buf: &mut Vec<u8>, deadline: Instant) -> Result<()> {
+fn wait_one<T: DeviceTransport>(
+    drv: &mut NetDriver<T>,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<()> {
     loop {
         if drv.recv_into(buf)? {
             return Ok(());
@@ -217,7 +277,13 @@ fn wait_one(drv: &mut NetDriver, buf: &mut Vec<u8>, deadline: Instant) -> Result
 
 /// Runs `vmdev-perf latency`.
 pub fn latency(a: &LatencyArgs) -> Result<()> {
-    let mut s = setup(&a.common)?;
+    match &a.common.vhost_vdpa {
+        Some(path) => run_latency(a, setup_vhost_vdpa(&a.common, path)?),
+        None => run_latency(a, setup(&a.common)?),
+    }
+}
+
+fn run_latency<T: DeviceTransport>(a: &LatencyArgs, mut s: Setup<T>) -> Result<()> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut buf = Vec::new();
     for i in 0..1000 + a.frames {
@@ -253,6 +319,7 @@ pub fn latency(a: &LatencyArgs) -> Result<()> {
             .collect();
         let v = json!({
             "benchmark": "latency", "frames": a.frames, "size": a.common.size, "parent": s.parent,
+            "device": s.target,
             "cpus": s.cpus.map(|(x, y)| [x, y]), "interrupts": a.common.interrupts,
             "p50_ns": pct(0.5), "p90_ns": pct(0.9), "p99_ns": pct(0.99), "p999_ns": pct(0.999),
             "max_ns": hist.max(), "mean_ns": hist.mean(), "floors": floors_json, "ratios": ratios,
@@ -264,7 +331,7 @@ pub fn latency(a: &LatencyArgs) -> Result<()> {
         "latency: {} round trips of one {}-byte frame through {} on '{}' ({}; driver/datapath CPUs {:?})",
         a.frames,
         a.common.size,
-        a.common.uuid,
+        s.target,
         s.parent,
         if a.common.interrupts { "interrupts" } else { "busy-polling" },
         s.cpus
@@ -307,7 +374,13 @@ fn print_floors(fl: &[FloorResult], ours_ns: f64, what: &str) {
 
 /// Runs `vmdev-perf throughput`.
 pub fn throughput(a: &ThroughputArgs) -> Result<()> {
-    let mut s = setup(&a.common)?;
+    match &a.common.vhost_vdpa {
+        Some(path) => run_throughput(a, setup_vhost_vdpa(&a.common, path)?),
+        None => run_throughput(a, setup(&a.common)?),
+    }
+}
+
+fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Result<()> {
     let mut pump = Pump::new(&s.drv, a.batch);
     let warmup_end = Instant::now() + Duration::from_millis(200);
     let mut start: Option<(Instant, u64)> = None;
@@ -336,16 +409,17 @@ pub fn throughput(a: &ThroughputArgs) -> Result<()> {
         let v = json!({
             "benchmark": "throughput", "size": a.common.size, "batch": batch, "seconds": secs,
             "frames": frames, "frames_per_s": fps, "gbit_per_s": gbps, "ns_per_frame": ns_per_frame,
-            "parent": s.parent, "cpus": s.cpus.map(|(x, y)| [x, y]), "interrupts": a.common.interrupts,
-            "floors": floors::to_json(&fl, a.common.floor_iters, s.cpus),
+            "parent": s.parent, "device": s.target, "cpus": s.cpus.map(|(x, y)| [x, y]),
+            "interrupts": a.common.interrupts, "floors": floors::to_json(&fl, a.common.floor_iters, s.cpus),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "throughput: {}-byte frames, batch {batch}, {:.1} s through '{}' ({}; driver/datapath CPUs {:?})",
+        "throughput: {}-byte frames, batch {batch}, {:.1} s through {} on '{}' ({}; driver/datapath CPUs {:?})",
         a.common.size,
         secs,
+        s.target,
         s.parent,
         if a.common.interrupts { "interrupts" } else { "busy-polling" },
         s.cpus

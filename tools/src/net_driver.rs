@@ -1,9 +1,13 @@
-//! A virtio-net driver over the vmdev transport: negotiates features (MAC, MTU,
-//! EVENT_IDX, INDIRECT_DESC), lays out its own memfd memory (rings + buffers), and sends
-//! and receives frames through the driver side of `vmdev-shm-ring`.
+//! A virtio-net driver: negotiates features (MAC, MTU, EVENT_IDX, INDIRECT_DESC), lays out
+//! its own memfd memory (rings + buffers), and sends and receives frames through the driver
+//! side of `vmdev-shm-ring`. It reaches its device through any [`DeviceTransport`]: the
+//! vmdev protocol ([`NetDriver::open`]) or the kernel's vhost-vdpa
+//! ([`NetDriver::open_vhost_vdpa`]).
 
 use crate::client::TransportClient;
 use crate::sys;
+use crate::transport::{DeviceTransport, TransportError};
+use crate::vhost_vdpa::{VhostVdpa, VhostVdpaError};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +32,9 @@ pub enum DriverError {
     /// The transport failed or the control plane refused a request.
     #[error("transport: {0}")]
     Transport(#[from] ProtoError),
+    /// A vhost-vdpa ioctl or IOTLB update failed (the message names the device and ioctl).
+    #[error(transparent)]
+    VhostVdpa(#[from] VhostVdpaError),
     /// The device broke the ring contract.
     #[error("ring: {0}")]
     Ring(#[from] RingError),
@@ -45,6 +52,15 @@ pub enum DriverError {
         /// Largest allowed.
         max: usize,
     },
+}
+
+impl From<TransportError> for DriverError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Vmdev(e) => DriverError::Transport(e),
+            TransportError::VhostVdpa(e) => DriverError::VhostVdpa(e),
+        }
+    }
 }
 
 /// How the driver learns about received frames.
@@ -124,11 +140,14 @@ pub struct LiveCopyReport {
     pub final_pages: usize,
 }
 
-/// A running virtio-net driver bound to one vmdev device.
-pub struct NetDriver {
-    client: TransportClient,
+/// A running virtio-net driver bound to one device, reached through transport `T`: the
+/// vmdev protocol (the default) or vhost-vdpa ([`VhostVdpaNetDriver`]).
+pub struct NetDriver<T = TransportClient> {
+    // Dropped first: the device lets go of the memory before it is unmapped.
+    client: T,
     uuid: Uuid,
     cfg: NetDriverConfig,
+    base: u64,
     mem: Arc<GuestMemory>,
     memfd: OwnedFd,
     features: u64,
@@ -153,11 +172,35 @@ pub struct NetDriver {
     tx_count: u64,
 }
 
+/// A virtio-net driver over the kernel's vhost-vdpa char device.
+pub type VhostVdpaNetDriver = NetDriver<VhostVdpa>;
+
 fn round_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 
-impl NetDriver {
+/// Where the driver's `size` bytes of memory go: at [`GUEST_BASE`] when the device can
+/// reach it there, else as low as the device's address range allows (never at 0).
+fn choose_base((first, last): (u64, u64), size: u64) -> Result<u64, DriverError> {
+    let fits = |base: u64| {
+        base >= first
+            && base
+                .checked_add(size.saturating_sub(1))
+                .is_some_and(|e| e <= last)
+    };
+    if fits(GUEST_BASE) {
+        return Ok(GUEST_BASE);
+    }
+    let low = round_up(first.max(4096), 4096);
+    if fits(low) {
+        return Ok(low);
+    }
+    Err(DriverError::Device(format!(
+        "the device's address range {first:#x}..={last:#x} has no room for {size:#x} bytes"
+    )))
+}
+
+impl NetDriver<TransportClient> {
     /// Connects to the control plane in `run_dir`, claims device `uuid`, negotiates, sets up
     /// memory and queues, posts every RX buffer and sets DRIVER_OK.
     pub fn open(run_dir: &Path, uuid: Uuid, cfg: NetDriverConfig) -> Result<Self, DriverError> {
@@ -168,10 +211,165 @@ impl NetDriver {
 
     /// Sets up a device on an already opened client.
     pub fn setup(
-        mut c: TransportClient,
+        c: TransportClient,
         uuid: Uuid,
         cfg: NetDriverConfig,
     ) -> Result<Self, DriverError> {
+        Self::start(c, uuid, cfg)
+    }
+
+    /// Takes the device over again on a new connection — after it was stopped and restored
+    /// elsewhere, or its control connection was lost — keeping this driver's memory, rings,
+    /// posted buffers and eventfds. The device continues from the ring positions of its saved
+    /// state: `saved` (a blob from `save_state` or `vmdevctl save`, loaded after a reset) or,
+    /// with `None`, the state `vmdevctl restore` already loaded into it. Features and MAC
+    /// must be the ones this driver runs with.
+    pub fn reattach(&mut self, run_dir: &Path, saved: Option<Vec<u8>>) -> Result<(), DriverError> {
+        let mut c = TransportClient::connect(run_dir)?;
+        c.open(self.uuid)?;
+        if let Some(blob) = saved {
+            c.reset()?;
+            c.load_state(blob)?;
+        }
+        let status = c.status()?;
+        if status & (st::FEATURES_OK | st::DRIVER_OK | st::NEEDS_RESET) != st::FEATURES_OK {
+            return Err(DriverError::Device(format!(
+                "the device holds no saved state to continue from (status {status:#x})"
+            )));
+        }
+        let features = c.driver_features()?;
+        if features != self.features {
+            return Err(DriverError::Device(format!(
+                "the saved state has features {features:#x}, this driver runs with {:#x}",
+                self.features
+            )));
+        }
+        let mac = c.read_config(0, 6)?;
+        if mac != self.mac {
+            return Err(DriverError::Device(format!(
+                "the device's MAC {mac:02x?} is not this driver's {:02x?}",
+                self.mac
+            )));
+        }
+        let size = self
+            .mem
+            .region_sizes()
+            .first()
+            .copied()
+            .ok_or_else(|| DriverError::Device("no memory".into()))?;
+        c.add_mem_region(self.memfd.as_fd(), self.base, size, 0)?;
+        hand_queues(&mut c, &self.rings, &self.kick, &self.call)?;
+        ready_queues(&mut c, self.config.as_fd())?;
+        c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK)?;
+        self.client = c;
+        // Whatever the device missed while it was away is waiting in the rings.
+        self.kick(0)?;
+        self.kick(1)
+    }
+
+    /// The transport client (for requests the driver does not wrap).
+    pub fn client(&mut self) -> &mut TransportClient {
+        &mut self.client
+    }
+
+    /// Moves the driver's memory to a new memfd while the device keeps running — the
+    /// live-copy flow of a VM migration: dirty logging on, copy everything, re-copy the pages
+    /// the device dirtied until at most `few` remain (or `max_rounds`), suspend, copy the
+    /// last ones, switch the device's region and this driver's rings to the new memory.
+    /// The device is left suspended on the new memory: call [`NetDriver::resume`].
+    /// Returns the pages copied in each round.
+    pub fn live_copy(
+        &mut self,
+        max_rounds: usize,
+        few: usize,
+    ) -> Result<LiveCopyReport, DriverError> {
+        use vmdev_shm_ring::dirty::{bitmap_len, DirtyLog, DIRTY_PAGE};
+        let size = self
+            .mem
+            .region_sizes()
+            .first()
+            .copied()
+            .ok_or_else(|| DriverError::Device("no memory".into()))?;
+        let new_fd = create_sealed_memfd("vmdev-driver-copy", size)?;
+        let mut new_mem = GuestMemory::new();
+        new_mem
+            .add_region(new_fd.try_clone()?, GuestAddr(self.base), size, 0)
+            .map_err(|e| DriverError::Device(e.to_string()))?;
+        let len = bitmap_len([size]);
+        let bitmap = create_sealed_memfd("vmdev-dirty-bitmap", len)?;
+        let log = DirtyLog::map(bitmap.try_clone()?, len)
+            .map_err(|e| DriverError::Device(e.to_string()))?;
+        let pages = size.div_ceil(DIRTY_PAGE);
+        let mut page = vec![0u8; DIRTY_PAGE as usize];
+        let base = self.base;
+        let old_mem = Arc::clone(&self.mem);
+        let mut copy = |list: &mut dyn Iterator<Item = u64>| -> Result<usize, DriverError> {
+            let mut n = 0;
+            for p in list.filter(|&p| p < pages) {
+                let off = p * DIRTY_PAGE;
+                let chunk = &mut page[..(size - off).min(DIRTY_PAGE) as usize];
+                old_mem
+                    .read(GuestAddr(base + off), chunk)
+                    .map_err(RingError::from)?;
+                new_mem
+                    .write(GuestAddr(base + off), chunk)
+                    .map_err(RingError::from)?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        self.client.start_dirty_log(bitmap.as_fd())?;
+        // Frames queued by the caller go out now, so the device works while memory is copied.
+        self.flush()?;
+        let mut rounds = vec![copy(&mut (0..pages))?];
+        while rounds.len() < max_rounds.max(1) {
+            let n = copy(&mut log.harvest().into_iter())?;
+            rounds.push(n);
+            if n <= few {
+                break;
+            }
+        }
+        self.client.suspend()?;
+        let last = copy(&mut log.harvest().into_iter())?;
+        self.client.stop_dirty_log()?;
+        self.client.remove_mem_region(base)?;
+        self.client.add_mem_region(new_fd.as_fd(), base, size, 0)?;
+        let new_mem = Arc::new(new_mem);
+        self.rx.remap(Arc::clone(&new_mem))?;
+        self.tx.remap(Arc::clone(&new_mem))?;
+        self.mem = new_mem;
+        self.memfd = new_fd;
+        Ok(LiveCopyReport {
+            rounds,
+            final_pages: last,
+        })
+    }
+
+    /// Resumes a suspended device (after [`NetDriver::live_copy`]).
+    pub fn resume(&mut self) -> Result<(), DriverError> {
+        Ok(self.client.resume()?)
+    }
+}
+
+impl NetDriver<VhostVdpa> {
+    /// Opens a vhost-vdpa device (`/dev/vhost-vdpa-N`), negotiates (accepting
+    /// VIRTIO_F_ACCESS_PLATFORM), maps its memory through the IOTLB, sets up the RX and TX
+    /// queues (vhost-vdpa net devices have no control queue here), posts every RX buffer and
+    /// sets DRIVER_OK. [`NetDriver::uuid`] is nil: such a device has no vmdev UUID.
+    pub fn open_vhost_vdpa(path: &Path, cfg: NetDriverConfig) -> Result<Self, DriverError> {
+        Self::start(VhostVdpa::open(path)?, Uuid::nil(), cfg)
+    }
+
+    /// The vhost-vdpa device (for requests the driver does not wrap).
+    pub fn vhost_vdpa(&mut self) -> &mut VhostVdpa {
+        &mut self.client
+    }
+}
+
+impl<T: DeviceTransport> NetDriver<T> {
+    /// Negotiates, lays out memory, hands the queues and sets DRIVER_OK: the setup every
+    /// transport shares.
+    fn start(mut c: T, uuid: Uuid, cfg: NetDriverConfig) -> Result<Self, DriverError> {
         if c.device_id()? != vmdev_proto::virtio::device_id::NET {
             return Err(DriverError::Device("not a virtio-net device".into()));
         }
@@ -180,6 +378,7 @@ impl NetDriver {
         c.set_status(st::ACKNOWLEDGE | st::DRIVER)?;
         let offered = c.device_features()?;
         let mut want = f::VERSION_1 | f::NET_F_MAC | f::NET_F_MTU | f::NET_F_STATUS;
+        want |= c.required_features();
         if cfg.event_idx {
             want |= f::RING_EVENT_IDX;
         }
@@ -248,42 +447,49 @@ impl NetDriver {
             n => n as u64,
         };
         let tx_buf = TX_TABLE + frame_room;
+        // Offsets first; the base follows from the size and the device's address range.
         let mut off = 0u64;
+        let mut ring_offs = [(0u64, 0u64, 0u64); 2];
+        for (q, r) in ring_offs.iter_mut().enumerate() {
+            let (d, a, u, total) = SplitLayout::new(sizes[q]).packed_offsets();
+            *r = (off + d, off + a, off + u);
+            off = round_up(off + total, 4096);
+        }
+        let rx_off = off;
+        off = round_up(off + rx_buf * sizes[0] as u64, 4096);
+        let tx_off = off;
+        off = round_up(off + tx_buf * sizes[1] as u64, 4096);
+        let mem_size = off;
+        let base = choose_base(c.address_range()?, mem_size)?;
         let mut rings = [RingAddrs {
             desc: 0,
             driver: 0,
             device: 0,
             size: 0,
         }; 2];
-        for (q, r) in rings.iter_mut().enumerate() {
-            let (d, a, u, total) = SplitLayout::new(sizes[q]).packed_offsets();
-            let base = GUEST_BASE + off;
+        for ((r, (d, a, u)), size) in rings.iter_mut().zip(ring_offs).zip(sizes) {
             *r = RingAddrs {
                 desc: base + d,
                 driver: base + a,
                 device: base + u,
-                size: sizes[q],
+                size,
             };
-            off = round_up(off + total, 4096);
         }
-        let rx_base = GUEST_BASE + off;
-        off = round_up(off + rx_buf * sizes[0] as u64, 4096);
-        let tx_base = GUEST_BASE + off;
-        off = round_up(off + tx_buf * sizes[1] as u64, 4096);
-        let mem_size = off;
+        let rx_base = base + rx_off;
+        let tx_base = base + tx_off;
 
         let memfd = create_sealed_memfd("vmdev-driver", mem_size)?;
         let mut mem = GuestMemory::new();
-        mem.add_region(memfd.try_clone()?, GuestAddr(GUEST_BASE), mem_size, 0)
+        mem.add_region(memfd.try_clone()?, GuestAddr(base), mem_size, 0)
             .map_err(|e| DriverError::Device(e.to_string()))?;
         let mem = Arc::new(mem);
-        c.add_mem_region(memfd.as_fd(), GUEST_BASE, mem_size, 0)?;
+        c.add_mem_region(memfd.as_fd(), base, mem_size, 0, &mem)?;
 
         let kick = [sys::eventfd()?, sys::eventfd()?];
         let call = [sys::eventfd()?, sys::eventfd()?];
         let config_fd = sys::eventfd()?;
         let rf = RingFeatures::from_bits(features);
-        Self::hand_queues(&mut c, &rings, &kick, &call)?;
+        hand_queues(&mut c, &rings, &kick, &call)?;
         let mk = |r: RingAddrs| {
             DriverQueue::new(
                 Arc::clone(&mem),
@@ -296,12 +502,13 @@ impl NetDriver {
         };
         let rx = mk(rings[0])?;
         let tx = mk(rings[1])?;
-        Self::ready_queues(&mut c, config_fd.as_fd())?;
+        ready_queues(&mut c, config_fd.as_fd())?;
 
         let mut drv = NetDriver {
             client: c,
             uuid,
             cfg,
+            base,
             mem,
             memfd,
             features,
@@ -339,80 +546,6 @@ impl NetDriver {
         Ok(drv)
     }
 
-    /// Hands both queues' sizes, ring addresses and eventfds to the device.
-    fn hand_queues(
-        c: &mut TransportClient,
-        rings: &[RingAddrs; 2],
-        kick: &[OwnedFd; 2],
-        call: &[OwnedFd; 2],
-    ) -> Result<(), DriverError> {
-        for (q, ((r, k), cl)) in rings.iter().zip(kick).zip(call).enumerate() {
-            let q = q as u16;
-            c.set_queue_size(q, r.size)?;
-            c.set_queue_address(q, r.desc, r.driver, r.device)?;
-            c.set_queue_kick(q, k.as_fd())?;
-            c.set_queue_call(q, cl.as_fd())?;
-        }
-        Ok(())
-    }
-
-    /// Marks both queues ready and hands the config-change eventfd.
-    fn ready_queues(c: &mut TransportClient, config: BorrowedFd<'_>) -> Result<(), DriverError> {
-        for q in 0..2u16 {
-            c.set_queue_ready(q, true)?;
-        }
-        Ok(c.set_config_notify(config)?)
-    }
-
-    /// Takes the device over again on a new connection — after it was stopped and restored
-    /// elsewhere, or its control connection was lost — keeping this driver's memory, rings,
-    /// posted buffers and eventfds. The device continues from the ring positions of its saved
-    /// state: `saved` (a blob from `save_state` or `vmdevctl save`, loaded after a reset) or,
-    /// with `None`, the state `vmdevctl restore` already loaded into it. Features and MAC
-    /// must be the ones this driver runs with.
-    pub fn reattach(&mut self, run_dir: &Path, saved: Option<Vec<u8>>) -> Result<(), DriverError> {
-        let mut c = TransportClient::connect(run_dir)?;
-        c.open(self.uuid)?;
-        if let Some(blob) = saved {
-            c.reset()?;
-            c.load_state(blob)?;
-        }
-        let status = c.status()?;
-        if status & (st::FEATURES_OK | st::DRIVER_OK | st::NEEDS_RESET) != st::FEATURES_OK {
-            return Err(DriverError::Device(format!(
-                "the device holds no saved state to continue from (status {status:#x})"
-            )));
-        }
-        let features = c.driver_features()?;
-        if features != self.features {
-            return Err(DriverError::Device(format!(
-                "the saved state has features {features:#x}, this driver runs with {:#x}",
-                self.features
-            )));
-        }
-        let mac = c.read_config(0, 6)?;
-        if mac != self.mac {
-            return Err(DriverError::Device(format!(
-                "the device's MAC {mac:02x?} is not this driver's {:02x?}",
-                self.mac
-            )));
-        }
-        let size = self
-            .mem
-            .region_sizes()
-            .first()
-            .copied()
-            .ok_or_else(|| DriverError::Device("no memory".into()))?;
-        c.add_mem_region(self.memfd.as_fd(), GUEST_BASE, size, 0)?;
-        Self::hand_queues(&mut c, &self.rings, &self.kick, &self.call)?;
-        Self::ready_queues(&mut c, self.config.as_fd())?;
-        c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK)?;
-        self.client = c;
-        // Whatever the device missed while it was away is waiting in the rings.
-        self.kick(0)?;
-        self.kick(1)
-    }
-
     fn post_rx(&mut self, buf: u32) -> Result<(), DriverError> {
         let addr = GuestAddr(self.rx_base + buf as u64 * self.rx_buf);
         let head = self
@@ -430,7 +563,7 @@ impl NetDriver {
         Ok(())
     }
 
-    /// The device's UUID.
+    /// The device's UUID (nil for a vhost-vdpa device).
     pub fn uuid(&self) -> Uuid {
         self.uuid
     }
@@ -653,14 +786,13 @@ impl NetDriver {
         Ok(r.first().copied().unwrap_or(false) && sys::drain(self.config.as_fd()) > 0)
     }
 
-    /// Interrupts (call eventfd signals) received on RX so far are drained by `wait_rx`;
-    /// this reads the device status over the transport.
+    /// Reads the device status over the transport.
     pub fn status(&mut self) -> Result<u8, DriverError> {
         Ok(self.client.status()?)
     }
 
-    /// The transport client (for requests the driver does not wrap).
-    pub fn client(&mut self) -> &mut TransportClient {
+    /// The transport (for requests the driver does not wrap).
+    pub fn transport(&mut self) -> &mut T {
         &mut self.client
     }
 
@@ -672,84 +804,6 @@ impl NetDriver {
     /// Ring addresses of queue `q` (0 = RX, 1 = TX).
     pub fn ring_addrs(&self, q: usize) -> Option<RingAddrs> {
         self.rings.get(q).copied()
-    }
-
-    /// Moves the driver's memory to a new memfd while the device keeps running — the
-    /// live-copy flow of a VM migration: dirty logging on, copy everything, re-copy the pages
-    /// the device dirtied until at most `few` remain (or `max_rounds`), suspend, copy the
-    /// last ones, switch the device's region and this driver's rings to the new memory.
-    /// The device is left suspended on the new memory: call [`NetDriver::resume`].
-    /// Returns the pages copied in each round.
-    pub fn live_copy(
-        &mut self,
-        max_rounds: usize,
-        few: usize,
-    ) -> Result<LiveCopyReport, DriverError> {
-        use vmdev_shm_ring::dirty::{bitmap_len, DirtyLog, DIRTY_PAGE};
-        let size = self
-            .mem
-            .region_sizes()
-            .first()
-            .copied()
-            .ok_or_else(|| DriverError::Device("no memory".into()))?;
-        let new_fd = create_sealed_memfd("vmdev-driver-copy", size)?;
-        let mut new_mem = GuestMemory::new();
-        new_mem
-            .add_region(new_fd.try_clone()?, GuestAddr(GUEST_BASE), size, 0)
-            .map_err(|e| DriverError::Device(e.to_string()))?;
-        let len = bitmap_len([size]);
-        let bitmap = create_sealed_memfd("vmdev-dirty-bitmap", len)?;
-        let log = DirtyLog::map(bitmap.try_clone()?, len)
-            .map_err(|e| DriverError::Device(e.to_string()))?;
-        let pages = size.div_ceil(DIRTY_PAGE);
-        let mut page = vec![0u8; DIRTY_PAGE as usize];
-        let old_mem = Arc::clone(&self.mem);
-        let mut copy = |list: &mut dyn Iterator<Item = u64>| -> Result<usize, DriverError> {
-            let mut n = 0;
-            for p in list.filter(|&p| p < pages) {
-                let off = p * DIRTY_PAGE;
-                let chunk = &mut page[..(size - off).min(DIRTY_PAGE) as usize];
-                old_mem
-                    .read(GuestAddr(GUEST_BASE + off), chunk)
-                    .map_err(RingError::from)?;
-                new_mem
-                    .write(GuestAddr(GUEST_BASE + off), chunk)
-                    .map_err(RingError::from)?;
-                n += 1;
-            }
-            Ok(n)
-        };
-        self.client.start_dirty_log(bitmap.as_fd())?;
-        // Frames queued by the caller go out now, so the device works while memory is copied.
-        self.flush()?;
-        let mut rounds = vec![copy(&mut (0..pages))?];
-        while rounds.len() < max_rounds.max(1) {
-            let n = copy(&mut log.harvest().into_iter())?;
-            rounds.push(n);
-            if n <= few {
-                break;
-            }
-        }
-        self.client.suspend()?;
-        let last = copy(&mut log.harvest().into_iter())?;
-        self.client.stop_dirty_log()?;
-        self.client.remove_mem_region(GUEST_BASE)?;
-        self.client
-            .add_mem_region(new_fd.as_fd(), GUEST_BASE, size, 0)?;
-        let new_mem = Arc::new(new_mem);
-        self.rx.remap(Arc::clone(&new_mem))?;
-        self.tx.remap(Arc::clone(&new_mem))?;
-        self.mem = new_mem;
-        self.memfd = new_fd;
-        Ok(LiveCopyReport {
-            rounds,
-            final_pages: last,
-        })
-    }
-
-    /// Resumes a suspended device (after [`NetDriver::live_copy`]).
-    pub fn resume(&mut self) -> Result<(), DriverError> {
-        Ok(self.client.resume()?)
     }
 
     /// Guest address and length of the RX buffer area (what the device writes).
@@ -768,5 +822,210 @@ impl NetDriver {
             Some(k) => Ok(sys::signal(k.as_fd())?),
             None => Err(DriverError::Device(format!("no queue {q}"))),
         }
+    }
+}
+
+/// Hands both queues' sizes, ring addresses and eventfds to the device.
+fn hand_queues<T: DeviceTransport>(
+    c: &mut T,
+    rings: &[RingAddrs; 2],
+    kick: &[OwnedFd; 2],
+    call: &[OwnedFd; 2],
+) -> Result<(), DriverError> {
+    for (q, ((r, k), cl)) in rings.iter().zip(kick).zip(call).enumerate() {
+        let q = q as u16;
+        c.set_queue_size(q, r.size)?;
+        c.set_queue_address(q, r.desc, r.driver, r.device)?;
+        c.set_queue_kick(q, k.as_fd())?;
+        c.set_queue_call(q, cl.as_fd())?;
+    }
+    Ok(())
+}
+
+/// Marks both queues ready and hands the config-change eventfd.
+fn ready_queues<T: DeviceTransport>(c: &mut T, config: BorrowedFd<'_>) -> Result<(), DriverError> {
+    for q in 0..2u16 {
+        c.set_queue_ready(q, true)?;
+    }
+    Ok(c.set_config_notify(config)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_goes_at_guest_base_when_reachable() {
+        assert_eq!(choose_base((0, u64::MAX), 1 << 20).ok(), Some(GUEST_BASE));
+        // A device reaching only its first 1.1 GiB (VDUSE-like): as low as possible, not 0.
+        assert_eq!(choose_base((0, 0x47ff_ffff), 1 << 20).ok(), Some(4096));
+        assert_eq!(
+            choose_base((0x1001, 0x47ff_ffff), 1 << 20).ok(),
+            Some(0x2000)
+        );
+        assert!(choose_base((0, 0xfffff), 1 << 20).is_err());
+    }
+
+    /// A device model behind the transport trait that records what the driver asks.
+    struct Mock {
+        log: Vec<String>,
+        status: u8,
+        offered: u64,
+        accepted: u64,
+        range: (u64, u64),
+        required: u64,
+    }
+
+    impl DeviceTransport for Mock {
+        fn device_id(&mut self) -> Result<u32, TransportError> {
+            Ok(vmdev_proto::virtio::device_id::NET)
+        }
+        fn device_features(&mut self) -> Result<u64, TransportError> {
+            Ok(self.offered)
+        }
+        fn set_driver_features(&mut self, features: u64) -> Result<(), TransportError> {
+            self.accepted = features;
+            self.log.push(format!("features {features:#x}"));
+            Ok(())
+        }
+        fn status(&mut self) -> Result<u8, TransportError> {
+            Ok(self.status)
+        }
+        fn set_status(&mut self, status: u8) -> Result<(), TransportError> {
+            self.status = status;
+            self.log.push(format!("status {status:#x}"));
+            Ok(())
+        }
+        fn reset(&mut self) -> Result<(), TransportError> {
+            self.status = 0;
+            self.log.push("reset".into());
+            Ok(())
+        }
+        fn read_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>, TransportError> {
+            let mut c = vec![2, 0, 0, 0, 0, 7, 1, 0, 1, 0];
+            c.extend_from_slice(&1500u16.to_le_bytes());
+            Ok(c[offset as usize..(offset + len) as usize].to_vec())
+        }
+        fn queue_max_size(&mut self, _queue: u16) -> Result<u16, TransportError> {
+            Ok(256)
+        }
+        fn set_queue_size(&mut self, queue: u16, size: u16) -> Result<(), TransportError> {
+            self.log.push(format!("q{queue} size {size}"));
+            Ok(())
+        }
+        fn set_queue_address(
+            &mut self,
+            queue: u16,
+            desc: u64,
+            _driver: u64,
+            _device: u64,
+        ) -> Result<(), TransportError> {
+            self.log.push(format!("q{queue} addr {desc:#x}"));
+            Ok(())
+        }
+        fn set_queue_kick(
+            &mut self,
+            queue: u16,
+            _fd: BorrowedFd<'_>,
+        ) -> Result<(), TransportError> {
+            self.log.push(format!("q{queue} kick"));
+            Ok(())
+        }
+        fn set_queue_call(
+            &mut self,
+            queue: u16,
+            _fd: BorrowedFd<'_>,
+        ) -> Result<(), TransportError> {
+            self.log.push(format!("q{queue} call"));
+            Ok(())
+        }
+        fn set_queue_ready(&mut self, queue: u16, ready: bool) -> Result<(), TransportError> {
+            self.log.push(format!("q{queue} ready {ready}"));
+            Ok(())
+        }
+        fn set_config_notify(&mut self, _fd: BorrowedFd<'_>) -> Result<(), TransportError> {
+            self.log.push("config notify".into());
+            Ok(())
+        }
+        fn add_mem_region(
+            &mut self,
+            _fd: BorrowedFd<'_>,
+            guest_addr: u64,
+            size: u64,
+            offset: u64,
+            local: &GuestMemory,
+        ) -> Result<(), TransportError> {
+            // What vhost-vdpa does: the local mapping of the whole region must exist.
+            assert!(local.translate(GuestAddr(guest_addr), size).is_ok());
+            self.log
+                .push(format!("mem {guest_addr:#x}+{size:#x} at {offset}"));
+            Ok(())
+        }
+        fn address_range(&mut self) -> Result<(u64, u64), TransportError> {
+            Ok(self.range)
+        }
+        fn required_features(&self) -> u64 {
+            self.required
+        }
+    }
+
+    fn mock(required: u64, range: (u64, u64)) -> Mock {
+        Mock {
+            log: Vec::new(),
+            status: 0,
+            offered: f::VERSION_1 | f::NET_F_MAC | f::NET_F_MTU | f::ACCESS_PLATFORM,
+            accepted: 0,
+            range,
+            required,
+        }
+    }
+
+    #[test]
+    fn a_vhost_vdpa_like_transport_gets_access_platform_and_the_setup_order() {
+        let drv = NetDriver::start(
+            mock(f::ACCESS_PLATFORM, (0, 0x47ff_ffff)),
+            Uuid::nil(),
+            NetDriverConfig::default(),
+        )
+        .expect("setup");
+        assert_eq!(
+            drv.features(),
+            f::VERSION_1 | f::NET_F_MAC | f::NET_F_MTU | f::ACCESS_PLATFORM
+        );
+        assert_eq!(drv.mac(), [2, 0, 0, 0, 0, 7]);
+        assert_eq!(drv.mtu(), 1500);
+        let rx = drv.ring_addrs(0).expect("rx ring");
+        assert_eq!(rx.desc, 4096);
+        let log: Vec<&str> = drv.client.log.iter().map(String::as_str).collect();
+        let steps: Vec<&str> = log
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "reset", "status", "status", "features", "status", "mem", "q0", "q0", "q0", "q0",
+                "q1", "q1", "q1", "q1", "q0", "q1", "config", "status"
+            ]
+        );
+        assert_eq!(log[4], "status 0xb");
+        assert_eq!(log[17], "status 0xf");
+        assert_eq!(
+            &log[6..10],
+            ["q0 size 256", "q0 addr 0x1000", "q0 kick", "q0 call"]
+        );
+    }
+
+    #[test]
+    fn the_vmdev_transport_does_not_take_access_platform() {
+        let drv = NetDriver::start(
+            mock(0, (0, u64::MAX)),
+            Uuid::nil(),
+            NetDriverConfig::default(),
+        )
+        .expect("setup");
+        assert_eq!(drv.features() & f::ACCESS_PLATFORM, 0);
+        assert_eq!(drv.ring_addrs(0).map(|r| r.desc), Some(GUEST_BASE));
+        assert_eq!(drv.client.accepted, drv.features());
     }
 }
