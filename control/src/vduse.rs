@@ -31,7 +31,13 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> WireError {
 
 /// Turns a failure to reach VDUSE into an error that says what to do.
 fn explain(e: io::Error) -> WireError {
-    match e.raw_os_error() {
+    // Our wrappers keep the error's kind but not always its errno.
+    let errno = e.raw_os_error().or(match e.kind() {
+        io::ErrorKind::NotFound => Some(libc::ENOENT),
+        io::ErrorKind::PermissionDenied => Some(libc::EACCES),
+        _ => None,
+    });
+    match errno {
         Some(libc::ENOENT) | Some(libc::ENODEV) => err(
             ErrorCode::Unavailable,
             format!("VDUSE is not available ({e}): load the vduse module (modprobe vduse)"),

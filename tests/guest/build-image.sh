@@ -15,6 +15,9 @@ log() { echo "build-image: $*" >&2; }
 mkdir -p "$1" || die "cannot create $1"
 OUT=$(cd "$1" && pwd)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# One build at a time per OUTDIR (tests run in parallel).
+exec 9>"$OUT/.build.lock"
+flock 9
 
 # Modules the guest needs; their dependency closure is added from modinfo `depends=`.
 MODULES="virtio_net vdpa vduse virtio_vdpa vhost_vdpa vhost vhost_iotlb irqbypass"

@@ -246,3 +246,49 @@ pub fn external_tool(name: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// The Linux test guest (tests/guest/), built (or brought up to date) by
+/// `build-image.sh` into `target/guest-image`; `None` (test skipped) without QEMU.
+pub fn guest_image() -> Option<PathBuf> {
+    external_tool("qemu-system-x86_64")?;
+    static BUILT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let image = root.join("target/guest-image");
+    let built = BUILT.get_or_init(|| {
+        Command::new("bash")
+            .arg(root.join("tests/guest/build-image.sh"))
+            .arg(&image)
+            .status()
+            .expect("run build-image.sh")
+            .success()
+    });
+    assert!(*built, "building the guest image failed");
+    Some(image)
+}
+
+/// Boots the test guest with `vmdev.test=TEST` (see tests/guest/init) and extra
+/// `run-guest.sh` arguments; returns whether it passed and everything it printed.
+pub fn run_guest(image: &Path, test: &str, extra: &[&str]) -> (bool, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let log = std::env::temp_dir().join(format!("vmdev-guest-{test}-{}.log", std::process::id()));
+    let out = Command::new("bash")
+        .arg(root.join("tests/guest/run-guest.sh"))
+        .arg("--kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(image.join("initrd.gz"))
+        .args(["--test", test, "--timeout", "300", "--log"])
+        .arg(&log)
+        .args(extra)
+        .output()
+        .expect("run run-guest.sh");
+    let serial = std::fs::read(&log)
+        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+        .unwrap_or_default();
+    let text = format!(
+        "{}{}\n---- serial ----\n{serial}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
