@@ -5,6 +5,7 @@ mod hgrm;
 mod loopback;
 mod migration;
 mod pin;
+mod scale;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,10 @@ enum Cmd {
     Migrate(migration::MigrateArgs),
     /// Throughput with dirty logging off and on, alternating in the same run.
     DirtyLog(migration::DirtyLogArgs),
+    /// Aggregate rate of 1, 8, 64… devices on one datapath thread.
+    Scale(scale::ScaleArgs),
+    /// CPU an idle device costs its datapath, and how fast it wakes.
+    Idle(scale::IdleArgs),
     /// Measure the floors: shared-memory, eventfd and Unix-socket round trips between two
     /// processes.
     Floors(floors::FloorsArgs),
@@ -47,6 +52,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Throughput(args) => loopback::throughput(&args),
         Cmd::Migrate(args) => migration::migrate(&args),
         Cmd::DirtyLog(args) => migration::dirty_log(&args),
+        Cmd::Scale(args) => scale::scale(&args),
+        Cmd::Idle(args) => scale::idle(&args),
         Cmd::Floors(args) => floors::run_cli(&args),
         Cmd::FloorPeer(args) => floors::run_peer(&args),
     }

@@ -1,0 +1,262 @@
+//! `vmdev-perf scale` and `vmdev-perf idle`: how one datapath thread holds up with many
+//! devices, and what an idle device costs and how fast it wakes.
+
+use crate::pin;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmdev_proto::Uuid;
+use vmdev_tools::{NetDriver, NetDriverConfig, TransportClient};
+
+/// Arguments of `vmdev-perf scale`.
+#[derive(clap::Args, Debug)]
+pub struct ScaleArgs {
+    /// The control plane's run directory.
+    #[arg(long, env = "VMDEV_RUN_DIR", default_value = "/run/vmdev")]
+    run_dir: PathBuf,
+    /// The datapath to load.
+    #[arg(short, long)]
+    parent: String,
+    /// Device counts to measure, e.g. 1,8,64.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    devices: Vec<usize>,
+    /// Measuring time per count, seconds.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Frames queued per device per round.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Frame size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// CPU to pin the driver to.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `vmdev-perf idle`.
+#[derive(clap::Args, Debug)]
+pub struct IdleArgs {
+    /// The control plane's run directory.
+    #[arg(long, env = "VMDEV_RUN_DIR", default_value = "/run/vmdev")]
+    run_dir: PathBuf,
+    /// Device UUID (a started net-loopback device).
+    #[arg(short, long)]
+    uuid: Uuid,
+    /// How long the device stays idle while the datapath's CPU time is measured, seconds.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// CPU to pin the driver to.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn frame_for(drv: &NetDriver, size: usize) -> Vec<u8> {
+    let mut f = vec![0u8; size.max(60)];
+    f[..6].copy_from_slice(&drv.mac());
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    f
+}
+
+/// Round-robin over every driver: queue a batch, flush, take what came back — never
+/// sleeping, so one slow device cannot stall the others. Returns frames received.
+fn round(drivers: &mut [NetDriver], frame: &[u8], batch: usize, buf: &mut Vec<u8>) -> Result<u64> {
+    let mut got = 0;
+    for d in drivers.iter_mut() {
+        let mut q = 0;
+        while q < batch && d.queue_frame(frame)? {
+            q += 1;
+        }
+        d.flush()?;
+        while d.recv_into(buf)? {
+            got += 1;
+        }
+    }
+    Ok(got)
+}
+
+fn pump_for(drivers: &mut [NetDriver], frame: &[u8], batch: usize, t: Duration) -> Result<f64> {
+    let mut buf = Vec::new();
+    let warm = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < warm {
+        round(drivers, frame, batch, &mut buf)?;
+    }
+    let (t0, mut n) = (Instant::now(), 0u64);
+    let mut last = t0;
+    while t0.elapsed() < t {
+        let k = round(drivers, frame, batch, &mut buf)?;
+        n += k;
+        if k > 0 {
+            last = Instant::now();
+        } else if last.elapsed() > Duration::from_secs(5) {
+            bail!("no frame came back for 5 s (is the datapath running?)");
+        }
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn pin_driver(cpu: Option<usize>, avoid: Option<usize>) -> Result<()> {
+    let allowed = pin::allowed_cpus().unwrap_or_default();
+    if let Some(c) = cpu.or_else(|| allowed.iter().copied().find(|&x| Some(x) != avoid)) {
+        pin::pin_to_cpu(c).with_context(|| format!("pinning to cpu {c}"))?;
+    }
+    Ok(())
+}
+
+fn parent_info(run_dir: &Path, parent: &str) -> Result<(u32, Option<usize>)> {
+    let mut c = TransportClient::connect(run_dir)?;
+    let p = c
+        .list_types()?
+        .into_iter()
+        .find(|p| p.name == parent)
+        .with_context(|| format!("no parent named '{parent}'"))?;
+    Ok((p.pid, p.cpu.map(|c| c as usize)))
+}
+
+/// Runs `vmdev-perf scale`.
+pub fn scale(a: &ScaleArgs) -> Result<()> {
+    let (_, dp_cpu) = parent_info(&a.run_dir, &a.parent)?;
+    pin_driver(a.cpu, dp_cpu)?;
+    let mut mgmt = TransportClient::connect(&a.run_dir)?;
+    let mut rows = Vec::new();
+    for &n in &a.devices {
+        let mut uuids = Vec::new();
+        let res = (|| -> Result<f64> {
+            let mut drivers = Vec::new();
+            for _ in 0..n {
+                let attrs = vec![("queue-size".to_string(), "256".to_string())];
+                let u = mgmt
+                    .start_device(&a.parent, "net-loopback", None, attrs, None)
+                    .with_context(|| format!("starting device {} of {n}", uuids.len() + 1))?;
+                uuids.push(u);
+                drivers.push(NetDriver::open(&a.run_dir, u, NetDriverConfig::default())?);
+            }
+            let frame = frame_for(&drivers[0], a.size);
+            let fps = pump_for(&mut drivers, &frame, a.batch, Duration::from_secs_f64(a.seconds))?;
+            Ok(fps)
+        })();
+        for u in uuids {
+            let _ = mgmt.stop_device(u);
+        }
+        rows.push((n, res?));
+    }
+    let base = rows.first().map(|r| r.1).unwrap_or(1.0).max(1.0);
+    if a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(n, fps)| json!({ "devices": n, "frames_per_s": fps, "ratio_to_first": fps / base }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "benchmark": "scale", "parent": a.parent, "size": a.size, "batch": a.batch, "rows": v }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "scale: {}-byte frames, batch {} per device, one driver thread, datapath '{}'",
+        a.size, a.batch, a.parent
+    );
+    println!("{:>8} {:>16} {:>12}", "devices", "Mframes/s total", "vs first");
+    for (n, fps) in &rows {
+        println!("{n:>8} {:>16.3} {:>12.3}", fps / 1e6, fps / base);
+    }
+    Ok(())
+}
+
+/// Nanoseconds process `pid` has run on a CPU, all threads (from /proc/PID/task/*/schedstat).
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).context("the datapath's /proc")? {
+        let p = t?.path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(&p) {
+            total += s
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// Runs `vmdev-perf idle`.
+pub fn idle(a: &IdleArgs) -> Result<()> {
+    let mut c = TransportClient::connect(&a.run_dir)?;
+    let dev = c
+        .list_devices()?
+        .into_iter()
+        .find(|d| d.uuid == a.uuid)
+        .with_context(|| format!("no device {}", a.uuid))?;
+    drop(c);
+    let (pid, dp_cpu) = parent_info(&a.run_dir, &dev.parent)?;
+    pin_driver(a.cpu, dp_cpu)?;
+    let mut drivers = vec![NetDriver::open(&a.run_dir, a.uuid, NetDriverConfig::default())?];
+    let frame = frame_for(&drivers[0], 64);
+    // Busy first, so the idle spell starts from full speed.
+    let busy_fps = pump_for(&mut drivers, &frame, 32, Duration::from_millis(500))?;
+    let mut buf = Vec::new();
+    let mut quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(20) {
+        if drivers[0].recv_into(&mut buf)? {
+            quiet = Instant::now();
+        }
+    }
+    // Idle: let the spin budget run out, then measure the datapath's CPU time.
+    std::thread::sleep(Duration::from_millis(100));
+    let (c0, t0) = (cpu_ns(pid)?, Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(a.seconds));
+    let (c1, t1) = (cpu_ns(pid)?, Instant::now());
+    let idle_pct = (c1 - c0) as f64 / (t1 - t0).as_nanos() as f64 * 100.0;
+    // Wake: one frame's round trip, then how many frames the first millisecond carries.
+    let w0 = Instant::now();
+    let d = &mut drivers[0];
+    if !d.send(&frame)? {
+        bail!("TX ring full");
+    }
+    while !d.recv_into(&mut buf)? {
+        if w0.elapsed() > Duration::from_secs(5) {
+            bail!("no answer after the idle spell");
+        }
+    }
+    let first_rt = w0.elapsed();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut ms = |drivers: &mut [NetDriver]| -> Result<u64> {
+        let t = Instant::now();
+        let mut n = 0;
+        while t.elapsed() < Duration::from_millis(1) {
+            n += round(drivers, &frame, 32, &mut buf)?;
+        }
+        Ok(n)
+    };
+    let first_ms = ms(&mut drivers)?;
+    let steady_ms = ms(&mut drivers)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "benchmark": "idle", "parent": dev.parent, "busy_frames_per_s": busy_fps,
+                "idle_seconds": a.seconds, "idle_cpu_percent": idle_pct,
+                "wake_round_trip_ns": first_rt.as_nanos() as u64,
+                "frames_first_ms_after_idle": first_ms, "frames_steady_ms": steady_ms,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("idle: device {} on '{}' (datapath pid {pid})", a.uuid, dev.parent);
+    println!("busy                      {:.3} Mframes/s", busy_fps / 1e6);
+    println!("idle CPU of the datapath  {idle_pct:.3} % of a core over {:.1} s", a.seconds);
+    println!("first round trip after idle {:.1} µs", first_rt.as_nanos() as f64 / 1e3);
+    println!(
+        "frames in the first ms after 100 ms idle: {first_ms} (steady ms: {steady_ms}, {:.0} %)",
+        first_ms as f64 / steady_ms.max(1) as f64 * 100.0
+    );
+    Ok(())
+}
