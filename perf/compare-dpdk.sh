@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command: DPDK's own vhost-user loopback vs vmdev, back to back, same cores, same
-# frame sizes. In both cases the client is testpmd with the virtio-user PMD (io forwarding,
-# `start tx_first`) on CPU 1; the backend is either testpmd's vhost PMD (io forwarding) or
-# vmdev-datapath, both on CPU 0. Reports the client's per-second Rx-pps (= round-trip rate):
-# median of each run, then median and spread over runs, and the ratio vmdev/DPDK.
+# frame sizes. A and B: the client is testpmd with the virtio-user PMD (io forwarding,
+# `start tx_first`) on CPU 1; the backend is testpmd's vhost PMD (A) or vmdev's vhost-user
+# door + vmdev-datapath (B), on CPU 0; the client's per-second Rx-pps is the round-trip rate
+# (median of seconds 3..SECONDS). C: vmdev's own driver (vmdev-perf throughput) on CPU 1.
+# Prints median and spread over runs and the ratios vmdev/DPDK.
 #
 # usage: perf/compare-dpdk.sh [RUNS=3] [SECONDS=8] [SIZES="64 1518"]
 set -euo pipefail
@@ -56,22 +57,46 @@ run_vmdev() {
   rm -rf "$run"
 }
 
+# vmdev's own driver (vmdev-perf throughput, vmdev protocol) on CPU 1, vmdev-datapath on CPU 0.
+run_vmdev_own() {
+  local size=$1 run=$W/run-own
+  mkdir -p "$run"
+  VMDEV_LOG=warn "$B/vmdev-control" --run-dir "$run" & local ctl=$!; PIDS+=("$ctl")
+  for _ in $(seq 100); do [ -S "$run/control.sock" ] && break; sleep 0.05; done
+  VMDEV_LOG=warn "$B/vmdev-datapath" --run-dir "$run" --name dp0 --cpu 0 & local dp=$!; PIDS+=("$dp")
+  for _ in $(seq 100); do "$B/vmdevctl" --run-dir "$run" types 2>/dev/null | grep -q '^dp0' && break; sleep 0.05; done
+  local uuid
+  uuid=$("$B/vmdevctl" --run-dir "$run" start -p dp0 -t net-loopback --attr mtu=1504)
+  "$B/vmdev-perf" throughput --run-dir "$run" -u "$uuid" --size "$size" --seconds "$((SECS - 2))" \
+    --cpu 1 --floor-iters 0 --json 2>/dev/null |
+    sed -n 's/.*"frames_per_s": \([0-9.]*\).*/\1/p' | awk '{printf "%d\n", $1} END {if (NR==0) print 0}'
+  kill "$ctl" 2>/dev/null; wait "$ctl" "$dp" 2>/dev/null || true
+  rm -rf "$run"
+}
+
 stats() { # values... -> "median min max"
   printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)], a[1], a[NR]}'
 }
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r)"
-echo "client: testpmd virtio-user io/tx_first on CPU 1; backend on CPU 0; $RUNS runs x ${SECS}s, Rx-pps median of seconds 3..$SECS"
-printf '%-6s %-26s %-26s %s\n' size "DPDK vhost Mpps (min-max)" "vmdev Mpps (min-max)" "vmdev/DPDK"
+echo "A: DPDK loopback   testpmd virtio-user (io, tx_first) on CPU 1 -> testpmd vhost PMD (io) on CPU 0"
+echo "B: vmdev door      testpmd virtio-user (io, tx_first) on CPU 1 -> vmdev vhost-user door + vmdev-datapath on CPU 0"
+echo "C: vmdev own       vmdev-perf throughput (vmdev's driver, vmdev protocol) on CPU 1 -> vmdev-datapath on CPU 0"
+echo "$RUNS runs x ${SECS}s each, back to back (A B C A B C ...); round-trip Mframes/s: median (min-max)"
+printf '%-6s %-22s %-22s %-22s %-8s %s\n' size "A: DPDK" "B: vmdev door" "C: vmdev own" "B/A" "C/A"
 for size in $SIZES; do
-  d=(); v=()
+  d=(); v=(); o=()
   for _ in $(seq "$RUNS"); do
     d+=("$(run_dpdk "$size")")
     v+=("$(run_vmdev "$size")")
+    o+=("$(run_vmdev_own "$size")")
   done
   read -r dm dlo dhi <<<"$(stats "${d[@]}")"
   read -r vm vlo vhi <<<"$(stats "${v[@]}")"
-  awk -v s="$size" -v dm="$dm" -v dlo="$dlo" -v dhi="$dhi" -v vm="$vm" -v vlo="$vlo" -v vhi="$vhi" 'BEGIN {
-    printf "%-6s %6.2f (%5.2f-%5.2f)         %6.2f (%5.2f-%5.2f)         %.2f\n",
-      s, dm/1e6, dlo/1e6, dhi/1e6, vm/1e6, vlo/1e6, vhi/1e6, (dm > 0 ? vm/dm : 0) }'
+  read -r om olo ohi <<<"$(stats "${o[@]}")"
+  awk -v s="$size" -v dm="$dm" -v dlo="$dlo" -v dhi="$dhi" -v vm="$vm" -v vlo="$vlo" -v vhi="$vhi" \
+      -v om="$om" -v olo="$olo" -v ohi="$ohi" 'BEGIN {
+    printf "%-6s %5.2f (%5.2f-%5.2f)    %5.2f (%5.2f-%5.2f)    %5.2f (%5.2f-%5.2f)    %-8.2f %.2f\n",
+      s, dm/1e6, dlo/1e6, dhi/1e6, vm/1e6, vlo/1e6, vhi/1e6, om/1e6, olo/1e6, ohi/1e6,
+      (dm > 0 ? vm/dm : 0), (dm > 0 ? om/dm : 0) }'
 done
