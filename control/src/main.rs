@@ -15,6 +15,10 @@ struct Args {
     /// Directory for persistent state (devices.toml of defined devices); default: the run dir.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Also allow peers (drivers, vmdevctl, datapaths, vhost-user front ends) running as
+    /// this uid (repeatable); root and this daemon's own uid are always allowed.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,8 +34,8 @@ fn main() -> anyhow::Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| args.run_dir.clone());
-    let server =
-        Server::new(args.run_dir.clone(), &state_dir).context("loading defined devices")?;
+    let server = Server::new(args.run_dir.clone(), &state_dir, &args.allow_uids)
+        .context("loading defined devices")?;
     let on_signal = std::sync::Arc::clone(&server);
     vmdev_control::sys::on_termination(move || on_signal.cleanup())
         .context("installing signal handling")?;

@@ -30,6 +30,7 @@ pub struct Server {
     defined: Mutex<Definitions>,
     registry: Mutex<Registry>,
     next_conn: AtomicU64,
+    allowed_uids: Vec<u32>,
 }
 
 fn werr(code: ErrorCode, msg: impl Into<String>) -> Reply {
@@ -71,14 +72,49 @@ fn expected_fds(req: &Request) -> usize {
 }
 
 impl Server {
-    /// A daemon serving `run_dir`.
-    pub fn new(run_dir: PathBuf, state_dir: &Path) -> Result<Arc<Self>, DefinedError> {
+    /// A daemon serving `run_dir`; peers (drivers, vmdevctl, datapaths, vhost-user front
+    /// ends) must run as root, as this daemon's uid, or as one of `allow_uids`.
+    pub fn new(
+        run_dir: PathBuf,
+        state_dir: &Path,
+        allow_uids: &[u32],
+    ) -> Result<Arc<Self>, DefinedError> {
+        let mut allowed_uids = vec![0, sys::own_uid()];
+        allowed_uids.extend_from_slice(allow_uids);
         Ok(Arc::new(Server {
             run_dir,
             defined: Mutex::new(Definitions::load(state_dir)?),
             registry: Mutex::new(Registry::default()),
             next_conn: AtomicU64::new(1),
+            allowed_uids,
         }))
+    }
+
+    /// Checks a connected peer's uid against the allow-list; a refusal is logged and
+    /// returned as the error to send before closing.
+    pub(crate) fn check_peer(&self, s: &UnixStream, socket: &str) -> Result<(), WireError> {
+        let cred = sys::peer_cred(s).map_err(|e| {
+            WireError::new(
+                ErrorCode::NotAllowed,
+                format!("cannot read peer credentials: {e}"),
+            )
+        })?;
+        if self.allowed_uids.contains(&cred.uid) {
+            return Ok(());
+        }
+        tracing::warn!(
+            uid = cred.uid,
+            pid = cred.pid,
+            socket,
+            "peer refused: uid not allowed"
+        );
+        Err(WireError::new(
+            ErrorCode::NotAllowed,
+            format!(
+                "uid {} may not use this vmdev control plane (allowed: {:?}; see vmdev-control --allow-uid)",
+                cred.uid, self.allowed_uids
+            ),
+        ))
     }
 
     /// Binds both sockets and serves until the process ends.
@@ -297,7 +333,14 @@ impl Server {
     fn serve_client(self: Arc<Self>, stream: UnixStream) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let peer = sys::peer_cred(&stream).map(|c| c.pid).unwrap_or(0);
+        let refused = self.check_peer(&stream, "control.sock");
         let mut ch = Channel::new(stream);
+        if let Err(e) = refused {
+            // Read its hello first, so the refusal is what it reads next.
+            let _ = ch.recv::<Request>();
+            let _ = ch.send(&Reply::Error(e), &[]);
+            return;
+        }
         let mut opened: Option<Arc<Mutex<Device>>> = None;
         if let Err(e) = self.client_session(conn, &mut ch, &mut opened) {
             match e {
@@ -845,6 +888,12 @@ impl Server {
 
     fn serve_parent(self: Arc<Self>, stream: UnixStream) {
         let pid = sys::peer_cred(&stream).map(|c| c.pid).unwrap_or(0);
+        if let Err(e) = self.check_peer(&stream, "datapath.sock") {
+            let mut ch = Channel::new(stream);
+            let _ = ch.recv::<FromDatapath>();
+            let _ = ch.send(&ToDatapath::Registered(Err(e)), &[]);
+            return;
+        }
         let writer = match stream.try_clone() {
             Ok(s) => Channel::new(s),
             Err(e) => return tracing::warn!("datapath connection: {e}"),

@@ -39,6 +39,12 @@ pub fn peer_cred(s: &UnixStream) -> std::io::Result<PeerCred> {
     })
 }
 
+/// This process's real uid.
+pub fn own_uid() -> u32 {
+    // SAFETY: getuid() has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
 /// Whether `fd` is an eventfd (what kick, call and config-notify fds must be).
 pub fn is_eventfd(fd: BorrowedFd<'_>) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))

@@ -836,6 +836,9 @@ impl Door {
                 Ok(s) => s,
                 Err(_) => break,
             };
+            if server.check_peer(&s, "vhost-user").is_err() {
+                continue; // logged; vhost-user has no way to say why
+            }
             let conn_id = server.new_conn_id();
             {
                 let mut d = lock(&dev);

@@ -28,6 +28,10 @@ struct Args {
     /// Microseconds to keep busy-polling after the last work before sleeping in io_uring.
     #[arg(long, default_value_t = 500)]
     spin_us: u64,
+    /// Also accept a control plane running as this uid (repeatable); root and this
+    /// process's own uid are always accepted.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +57,13 @@ fn main() -> anyhow::Result<()> {
             sock.display()
         )
     })?;
+    let peer = vmdev_datapath::sys::peer_uid(&stream)
+        .context("reading the control plane's credentials")?;
+    let own = vmdev_datapath::sys::own_uid();
+    if peer != 0 && peer != own && !args.allow_uids.contains(&peer) {
+        tracing::warn!(uid = peer, "control plane refused: uid not allowed");
+        bail!("the control plane at {} runs as uid {peer}, which is not allowed (root, {own}, or --allow-uid)", sock.display());
+    }
     let mut ch = Channel::new(stream);
     ch.send(&FromDatapath::Hello(Hello::ours()), &[])?;
     match ch.recv::<ToDatapath>()?.0 {

@@ -20,3 +20,34 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// This process's real uid.
+pub fn own_uid() -> u32 {
+    // SAFETY: getuid() has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The uid of the process at the other end of a connected Unix socket (SO_PEERCRED).
+pub fn peer_uid(s: &std::os::unix::net::UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}

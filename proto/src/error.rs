@@ -38,6 +38,8 @@ pub enum ErrorCode {
     Internal,
     /// This host lacks what the request needs (a kernel module, a privilege).
     Unavailable,
+    /// The peer's credentials (SO_PEERCRED uid) are not on the daemon's allow-list.
+    NotAllowed,
 }
 
 /// A typed error carried in a reply: a code for programs and a message for people.

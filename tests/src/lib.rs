@@ -52,8 +52,9 @@ fn daemon(name: &str, run_dir: &Path) -> Command {
 }
 
 /// Starts `vmdev-control` on `run_dir` and waits until its socket answers.
-fn spawn_control(run_dir: &Path) -> Child {
+fn spawn_control(run_dir: &Path, args: &[&str]) -> Child {
     let child = daemon("vmdev-control", run_dir)
+        .args(args)
         .spawn()
         .expect("spawn vmdev-control");
     wait_until("control.sock", STARTUP, || {
@@ -73,12 +74,17 @@ pub struct Daemons {
 impl Daemons {
     /// Starts `vmdev-control` in a fresh run directory and waits for its socket.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts `vmdev-control` with extra arguments (e.g. `--allow-uid`).
+    pub fn start_with(args: &[&str]) -> Self {
         let run_dir = std::env::temp_dir().join(format!(
             "vmdev-test-{}-{}",
             std::process::id(),
             Uuid::new_v4()
         ));
-        let control = spawn_control(&run_dir);
+        let control = spawn_control(&run_dir, args);
         Daemons {
             run_dir,
             control,
@@ -168,7 +174,7 @@ impl Daemons {
             let _ = c.wait();
         }
         self.datapaths.clear();
-        self.control = spawn_control(&self.run_dir);
+        self.control = spawn_control(&self.run_dir, &[]);
     }
 
     /// Whether the control plane process is still running.
