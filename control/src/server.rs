@@ -151,7 +151,9 @@ impl Server {
         serde_json::to_vec_pretty(&st).unwrap_or_default()
     }
 
-    fn parse_state(blob: &[u8]) -> Result<DeviceState, WireError> {
+    /// Parses and checks a device state blob (format, version, checksum) — what `restore`
+    /// and `LoadState` accept; public for the fuzzer.
+    pub fn parse_state(blob: &[u8]) -> Result<DeviceState, WireError> {
         let st: DeviceState = serde_json::from_slice(blob).map_err(|e| {
             WireError::new(
                 ErrorCode::BadArgument,
