@@ -618,6 +618,8 @@ impl DeviceModel {
 
     fn attach_spec(&self) -> Result<AttachSpec, WireError> {
         let mut queues = Vec::new();
+        // (queue, ring name, start, end) of every ring, to refuse overlaps.
+        let mut areas: Vec<(u16, &str, u64, u64)> = Vec::new();
         for (i, q) in self.queues.iter().enumerate() {
             let index = i as u16;
             if !q.ready {
@@ -650,6 +652,17 @@ impl DeviceModel {
                         ),
                     ));
                 }
+                // In memory, so a + len does not overflow.
+                let end = a + len;
+                if let Some((oq, oname, _, _)) =
+                    areas.iter().find(|(_, _, s, e)| a < *e && *s < end)
+                {
+                    return Err(WireError::new(
+                        ErrorCode::BadAddress,
+                        format!("queue {index}: {name} at {a:#x} overlaps queue {oq}'s {oname}"),
+                    ));
+                }
+                areas.push((index, name, a, end));
             }
             if q.kick.is_none() {
                 return Err(WireError::new(

@@ -143,6 +143,11 @@ impl NetLoopback {
         if !rx.ring.pop(rxc)? {
             return Ok(false);
         }
+        if rxc.writable_len() == 0 || rxc.readable_len() != 0 {
+            return Err(RingError::WrongDirection(
+                "a receive buffer must be device-writable only",
+            ));
+        }
         match self.txc.copy_to(rxc) {
             Some(len) => {
                 rxc.write_at(HDR_NUM_BUFFERS, &1u16.to_le_bytes());
@@ -169,6 +174,12 @@ impl NetLoopback {
             }
             if !rx.ring.pop(&mut self.rxc[k])? {
                 break;
+            }
+            let c = &self.rxc[k];
+            if c.writable_len() == 0 || c.readable_len() != 0 {
+                return Err(RingError::WrongDirection(
+                    "a receive buffer must be device-writable only",
+                ));
             }
             let n = self.txc.copy_part_to(off, &self.rxc[k]);
             k += 1;

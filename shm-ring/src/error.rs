@@ -85,6 +85,10 @@ pub enum RingError {
     /// A device-readable descriptor after a device-writable one.
     #[error("device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
+    /// A chain the device must write into (e.g. a receive buffer) has no device-writable
+    /// part, or one it must only read has some.
+    #[error("wrong buffer direction: {0}")]
+    WrongDirection(&'static str),
     /// A chain's total length overflowed 32 bits.
     #[error("chain length exceeds 4 GiB")]
     ChainLength,
@@ -98,5 +102,43 @@ pub enum RingError {
         last: u16,
         /// Index read.
         now: u16,
+    },
+    /// A packed queue size outside 1..=32768 (packed sizes need not be powers of two).
+    #[error("packed queue size {0} is not between 1 and 32768")]
+    BadPackedSize(u32),
+    /// A packed-ring descriptor inside a chain is not available for the wrap counter its
+    /// position requires (a chain crossing the ring end with a stale wrap bit, or a chain
+    /// whose NEXT runs into descriptors the driver never made available).
+    #[error("descriptor {index} is not available for wrap counter {wrap} (flags {flags:#06x})")]
+    BadWrap {
+        /// Position in the descriptor ring.
+        index: u16,
+        /// The wrap counter the position requires.
+        wrap: bool,
+        /// The flags read.
+        flags: u16,
+    },
+    /// A packed-ring buffer id outside `0..size` (device side).
+    #[error("buffer id {id} outside a queue of {size}")]
+    BadBufferId {
+        /// The id.
+        id: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// The driver made a buffer available under an id that is still in flight (packed
+    /// ring, device side).
+    #[error("buffer id {0} made available while still in flight")]
+    IdInFlight(u16),
+    /// The device completed an id it does not hold (packed ring, device side).
+    #[error("used buffer id {0} is not in flight")]
+    NotInFlight(u16),
+    /// A saved ring position that cannot belong to this queue.
+    #[error("ring state index {index} outside a queue of {size}")]
+    BadState {
+        /// The index.
+        index: u16,
+        /// Queue size.
+        size: u16,
     },
 }

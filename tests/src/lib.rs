@@ -298,3 +298,12 @@ pub fn run_guest(image: &Path, test: &str, extra: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// A fresh eventfd (for tests that hand kick or call fds by hand).
+pub fn eventfd() -> std::os::fd::OwnedFd {
+    // SAFETY: eventfd() with constant flags; the result is checked and owned at once.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+    // SAFETY: a new fd we own.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+}
