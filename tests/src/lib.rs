@@ -177,6 +177,11 @@ impl Daemons {
         self.control = spawn_control(&self.run_dir, &[]);
     }
 
+    /// The control plane's process id.
+    pub fn control_pid(&self) -> u32 {
+        self.control.id()
+    }
+
     /// Whether the control plane process is still running.
     pub fn control_alive(&mut self) -> bool {
         matches!(self.control.try_wait(), Ok(None))
