@@ -688,6 +688,7 @@ impl DeviceModel {
             num_queues: self.profile.num_queues,
             trust_unsealed: self.seal_policy == SealPolicy::Trusted,
             dirty_log: self.dirty_log.is_some(),
+            recover: false,
             regions: self.regions.iter().map(|r| r.spec).collect(),
             queues,
         })

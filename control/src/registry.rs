@@ -30,6 +30,8 @@ pub struct Device {
     pub removed: bool,
     /// The vhost-user front door, if the device has one.
     pub door: Option<Arc<crate::vhost_user::Door>>,
+    /// Times the device was recovered after its datapath died.
+    pub recoveries: u64,
     /// The VDUSE front door, if the device has one.
     pub vduse: Option<Arc<crate::vduse::VduseDoor>>,
 }

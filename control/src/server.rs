@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 use vmdev_proto::datapath::{DpEvent, DpOp, DpReply, FromDatapath, ToDatapath};
 use vmdev_proto::transport::{
-    DefinedDevice, DeviceState, DeviceStats, Reply, Request, VduseBind, DEVICE_STATE_FORMAT,
-    DEVICE_STATE_VERSION,
+    DefinedDevice, DeviceState, DeviceStats, Reply, Request, VduseBind, VqState,
+    DEVICE_STATE_FORMAT, DEVICE_STATE_VERSION,
 };
 use vmdev_proto::virtio::status as st;
 use vmdev_proto::{Channel, ErrorCode, Hello, ProtoError, WireError};
@@ -700,6 +700,7 @@ impl Server {
             removed: false,
             door: door.clone(),
             vduse: None,
+            recoveries: 0,
         }));
         reg.handles.insert(handle, uuid);
         reg.devices.insert(
@@ -907,6 +908,10 @@ impl Server {
         };
         tracing::info!(parent = %link.name, pid, cpu = ?link.cpu, "datapath registered");
         self.start_auto(&link.name);
+        // Orphans attach through this link: not from this thread, which must go on to
+        // route the datapath's replies.
+        let me = Arc::clone(&self);
+        std::thread::spawn(move || me.rehome_orphans());
         let err = loop {
             match ch.recv::<FromDatapath>() {
                 Ok((FromDatapath::Reply { seq, result }, _)) => link.complete(seq, result),
@@ -1029,11 +1034,13 @@ impl Server {
                 .map(|(u, _)| *u)
                 .collect();
             // A VDUSE device stays (NEEDS_RESET) until `vmdevctl stop`: the kernel still has
-            // it on the vDPA bus, and its door keeps answering the kernel.
+            // it on the vDPA bus, and its door keeps answering the kernel. A running device
+            // stays too, orphaned, to be recovered on another (or a restarted) datapath.
             let (keep, gone): (Vec<Uuid>, Vec<Uuid>) = uuids.into_iter().partition(|u| {
-                reg.devices
-                    .get(u)
-                    .is_some_and(|s| lock(&s.dev).vduse.is_some())
+                reg.devices.get(u).is_some_and(|s| {
+                    let d = lock(&s.dev);
+                    d.vduse.is_some() || Self::recoverable(&d)
+                })
             });
             let mut slots: Vec<Slot> = gone.iter().filter_map(|u| reg.remove(u)).collect();
             slots.extend(keep.iter().filter_map(|u| reg.devices.get(u).cloned()));
@@ -1047,6 +1054,12 @@ impl Server {
                 tracing::warn!(uuid = %d.uuid, parent = %link.name, "VDUSE device lost its datapath: NEEDS_RESET");
                 continue;
             }
+            if Self::recoverable(&d) {
+                // Not attached anywhere now; its queue states are those of its last attach.
+                d.model.detached(&[]);
+                tracing::warn!(uuid = %d.uuid, parent = %link.name, "device lost its datapath: recovering");
+                continue;
+            }
             d.removed = true;
             if d.model.status() & st::DRIVER_OK != 0 {
                 if let Some(fd) = d.model.device_failed() {
@@ -1055,6 +1068,108 @@ impl Server {
             }
             tracing::warn!(uuid = %d.uuid, parent = %link.name, "device lost with its datapath");
         }
+        self.rehome_orphans();
+    }
+
+    /// A running device whose datapath died can be recovered elsewhere: DRIVER_OK, not
+    /// NEEDS_RESET, not suspended, no VDUSE door.
+    fn recoverable(d: &Device) -> bool {
+        d.vduse.is_none()
+            && d.model.status() & (st::DRIVER_OK | st::NEEDS_RESET) == st::DRIVER_OK
+            && !d.model.is_suspended()
+            && (d.model.is_attached() || !d.link.is_alive())
+    }
+
+    /// Attaches every orphaned device (its datapath died) to a live datapath offering its
+    /// type with room — its own parent again if that one re-registered — resuming each ring
+    /// at the used index found in shared memory. Frames the dead datapath had completed on
+    /// TX but not yet delivered are counted as RX drops; none is delivered twice.
+    fn rehome_orphans(&self) {
+        let orphans: Vec<(Uuid, Slot)> = lock(&self.registry)
+            .devices
+            .iter()
+            .filter(|(_, s)| {
+                let d = lock(&s.dev);
+                !d.removed && !d.link.is_alive() && Self::recoverable(&d)
+            })
+            .map(|(u, s)| (*u, s.clone()))
+            .collect();
+        for (uuid, slot) in orphans {
+            let target = {
+                let mut reg = lock(&self.registry);
+                let mut names: Vec<String> = reg.parents.keys().cloned().collect();
+                // Its own parent first (restarted), then the others by name.
+                names.sort_by_key(|n| (n != &slot.parent, n.clone()));
+                let pick = names.into_iter().find(|n| {
+                    let Some(l) = reg.parents.get(n) else {
+                        return false;
+                    };
+                    let max = l
+                        .types
+                        .iter()
+                        .find(|(t, _)| *t == slot.device_type)
+                        .map(|x| x.1);
+                    let used = reg.used(n, &slot.device_type) - u32::from(*n == slot.parent);
+                    l.is_alive() && max.is_some_and(|m| used < m)
+                });
+                let Some(name) = pick else {
+                    tracing::warn!(%uuid, "no datapath can take the orphaned device yet");
+                    continue;
+                };
+                if let Some(s) = reg.devices.get_mut(&uuid) {
+                    s.parent = name.clone();
+                }
+                reg.parents.get(&name).cloned()
+            };
+            let Some(link) = target else { continue };
+            let mut d = lock(&slot.dev);
+            d.link = Arc::clone(&link);
+            if let Err(e) = Self::recover(&mut d) {
+                tracing::error!(%uuid, parent = %link.name, "recovery failed: {e}");
+                if let Some(fd) = d.model.device_failed() {
+                    sys::signal_eventfd(fd);
+                }
+            }
+        }
+    }
+
+    /// Attaches a device for recovery and accounts for the frames lost in the crash.
+    fn recover(d: &mut Device) -> Result<(), WireError> {
+        let Some(spec) = d.model.reattach_spec() else {
+            return Ok(());
+        };
+        let mut spec = spec?;
+        spec.handle = d.handle;
+        spec.recover = true;
+        let before: Vec<(u16, VqState)> = d.model.state_parts().3;
+        let res = {
+            let fds = d.model.attach_fds();
+            d.link.call(DpOp::Attach(spec), &fds)
+        };
+        let states = match res? {
+            DpReply::Recovered(states) => states,
+            other => {
+                return Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("datapath answered {other:?}"),
+                ))
+            }
+        };
+        let lost = profile::crash_losses(d.model.profile(), &before, &states);
+        for (q, n) in &lost {
+            let n_queues = d.model.profile().num_queues as usize;
+            if d.base_stats.queues.len() < n_queues {
+                d.base_stats.queues.resize(n_queues, Default::default());
+            }
+            if let Some(qs) = d.base_stats.queues.get_mut(*q as usize) {
+                qs.drops += n;
+            }
+        }
+        d.model.detached(&states);
+        d.model.reattached();
+        d.recoveries += 1;
+        tracing::warn!(uuid = %d.uuid, parent = %d.link.name, ?lost, "device recovered");
+        Ok(())
     }
 }
 

@@ -122,10 +122,30 @@ impl Device {
                     break;
                 }
             };
-            let VqState::Split {
-                avail_index,
-                used_index,
-            } = q.state;
+            let (avail_index, used_index) = if spec.recover {
+                // Where the dead datapath left the ring: everything up to the published used
+                // index is done; chains it took but never completed are taken again.
+                let mut idx = [0u8; 2];
+                match mem.read(GuestAddr(q.device.wrapping_add(2)), &mut idx) {
+                    Ok(()) => {
+                        let u = u16::from_le_bytes(idx);
+                        (u, u)
+                    }
+                    Err(e) => {
+                        result = Err(bad(
+                            ErrorCode::BadAddress,
+                            format!("queue {}: {e}", q.index),
+                        ));
+                        break;
+                    }
+                }
+            } else {
+                let VqState::Split {
+                    avail_index,
+                    used_index,
+                } = q.state;
+                (avail_index, used_index)
+            };
             ring.set_indices(avail_index, used_index);
             let kick_slot = match uring.arm_kick(kick.as_fd()) {
                 Ok(Some(s)) => s,

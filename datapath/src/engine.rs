@@ -57,6 +57,7 @@ impl Engine {
 
     /// Runs until the control plane goes away.
     pub fn run(&mut self) -> Result<(), EngineError> {
+        self.control_buffered()?;
         let mut last_work = Instant::now();
         let mut spins: u32 = 0;
         loop {
@@ -158,6 +159,14 @@ impl Engine {
             Err(ProtoError::Closed) => return Err(EngineError::ControlClosed),
             Err(e) => return Err(e.into()),
         }
+        self.control_buffered()?;
+        self.uring.arm_control(self.control.stream().as_fd())?;
+        Ok(())
+    }
+
+    /// Answers every request already read from the control socket (the registration
+    /// exchange may have read the first ones too: no poll would ever report them).
+    fn control_buffered(&mut self) -> Result<(), EngineError> {
         while let Some((msg, fds)) = self.control.next_buffered::<ToDatapath>()? {
             match msg {
                 ToDatapath::Request { seq, op } => {
@@ -172,7 +181,6 @@ impl Engine {
                 other => tracing::warn!("unexpected message from the control plane: {other:?}"),
             }
         }
-        self.uring.arm_control(self.control.stream().as_fd())?;
         Ok(())
     }
 
@@ -200,11 +208,21 @@ impl Engine {
                         format!("handle {} is attached", spec.handle),
                     ));
                 }
-                let handle = spec.handle;
+                let (handle, recover) = (spec.handle, spec.recover);
                 let dev = Device::attach(spec, fds, &mut self.uring)?;
-                tracing::info!(handle, queues = dev.queues.len(), "device attached");
+                tracing::info!(
+                    handle,
+                    queues = dev.queues.len(),
+                    recover,
+                    "device attached"
+                );
+                let reply = if recover {
+                    DpReply::Recovered(dev.states())
+                } else {
+                    DpReply::Attached
+                };
                 self.devices.push(dev);
-                Ok(DpReply::Attached)
+                Ok(reply)
             }
             DpOp::Detach { handle } => {
                 let mut dev = self.devices.swap_remove(self.position(handle)?);

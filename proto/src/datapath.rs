@@ -68,6 +68,10 @@ pub struct AttachSpec {
     pub trust_unsealed: bool,
     /// Log written pages into the dirty bitmap whose memfd comes last among the fds.
     pub dirty_log: bool,
+    /// Recovery after a datapath died: ignore the queues' `state` and resume every ring at
+    /// the used index found in its used ring (what the dead datapath last published);
+    /// answered with [`DpReply::Recovered`].
+    pub recover: bool,
     /// Ready queues.
     pub queues: Vec<QueueSpec>,
 }
@@ -134,6 +138,8 @@ pub enum FromDatapath {
 pub enum DpReply {
     /// Attached.
     Attached,
+    /// Attached for recovery; where each queue resumed (by queue index).
+    Recovered(Vec<(u16, VqState)>),
     /// Detached; final counters and where each queue stopped (by queue index).
     Detached(DeviceStats, Vec<(u16, VqState)>),
     /// Live counters.

@@ -194,12 +194,26 @@ impl Daemons {
             .all(|(_, c)| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// Kills the datapath called `name` (SIGKILL) and reaps it.
+    /// Kills the running datapath called `name` (SIGKILL), reaps it, and waits until the
+    /// control plane has noticed (the name is free again).
     pub fn kill_datapath(&mut self, name: &str) {
-        if let Some((_, c)) = self.datapaths.iter_mut().find(|(n, _)| n == name) {
-            let _ = c.kill();
-            let _ = c.wait();
+        for (n, c) in self.datapaths.iter_mut().rev() {
+            if n == name && matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+                let _ = c.wait();
+                break;
+            }
         }
+        let mut cl = self.client();
+        wait_until(
+            "the control plane to notice the dead datapath",
+            STARTUP,
+            || {
+                cl.list_types()
+                    .map(|t| !t.iter().any(|p| p.name == name))
+                    .unwrap_or(false)
+            },
+        );
     }
 }
 
