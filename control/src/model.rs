@@ -14,7 +14,7 @@ use vmdev_proto::transport::{Reply, Request, VqState};
 use vmdev_proto::virtio::{features, status as st};
 use vmdev_proto::{ErrorCode, WireError};
 use vmdev_shm_ring::memory::{check_memfd, check_region_shape, SealPolicy, MAX_REGIONS};
-use vmdev_shm_ring::SplitLayout;
+use vmdev_shm_ring::{PackedLayout, SplitLayout};
 
 /// What the daemon must do with the outcome of a request.
 #[derive(Debug)]
@@ -217,16 +217,28 @@ impl DeviceModel {
 
     /// A state whose avail index is more than the queue size ahead of its used index.
     fn state_beyond_ring(&self, queue: u16, state: VqState) -> bool {
-        let VqState::Split {
-            avail_index,
-            used_index,
-        } = state;
         let size = self
             .queues
             .get(queue as usize)
             .and_then(|q| q.size)
             .unwrap_or(self.profile.max_queue_size);
-        avail_index.wrapping_sub(used_index) > size
+        match state {
+            VqState::Split {
+                avail_index,
+                used_index,
+            } => avail_index.wrapping_sub(used_index) > size,
+            // Positions are ring slots: both must lie inside the ring.
+            VqState::Packed {
+                avail_index,
+                used_index,
+                ..
+            } => avail_index >= size || used_index >= size,
+        }
+    }
+
+    /// Whether the driver negotiated packed rings.
+    fn packed(&self) -> bool {
+        self.driver_features & features::RING_PACKED != 0
     }
 
     /// Whether the driver suspended the device.
@@ -336,16 +348,20 @@ impl DeviceModel {
                 Ok(i) => value(self.queues[i].ready as u8),
                 Err(e) => e,
             },
-            Request::SetQueueSize { queue, size } => self.with_setup_queue(queue, |q, max| {
-                if size == 0 || !size.is_power_of_two() || size > max {
-                    return err(
-                        ErrorCode::BadQueue,
-                        format!("queue size {size} is not a power of two in 1..={max}"),
-                    );
-                }
-                q.size = Some(size);
-                ok()
-            }),
+            Request::SetQueueSize { queue, size } => {
+                let packed = self.packed();
+                self.with_setup_queue(queue, |q, max| {
+                    // Packed rings may have any size; split rings need a power of two.
+                    if size == 0 || (!packed && !size.is_power_of_two()) || size > max {
+                        return err(
+                            ErrorCode::BadQueue,
+                            format!("queue size {size} is not a power of two in 1..={max}"),
+                        );
+                    }
+                    q.size = Some(size);
+                    ok()
+                })
+            }
             Request::SetQueueAddress {
                 queue,
                 desc,
@@ -593,6 +609,10 @@ impl DeviceModel {
                     "VERSION_1 must be accepted: vmdev devices are virtio 1.x only",
                 );
             }
+            let fresh = VqState::fresh(self.packed());
+            for q in &mut self.queues {
+                q.state = fresh;
+            }
         }
         if added & st::DRIVER_OK != 0 {
             return match self.attach_spec() {
@@ -638,11 +658,17 @@ impl DeviceModel {
                     format!("queue {index} has no ring addresses"),
                 ));
             };
-            let l = SplitLayout::new(size);
+            let lens = if self.packed() {
+                let l = PackedLayout::new(size);
+                [l.desc_len, l.driver_event_len, l.device_event_len]
+            } else {
+                let l = SplitLayout::new(size);
+                [l.desc_len, l.avail_len, l.used_len]
+            };
             for (name, a, len) in [
-                ("descriptor table", desc, l.desc_len),
-                ("driver ring", driver, l.avail_len),
-                ("device ring", device, l.used_len),
+                ("descriptor table", desc, lens[0]),
+                ("driver ring", driver, lens[1]),
+                ("device ring", device, lens[2]),
             ] {
                 if !self.ring_in_memory(a, len) {
                     return Err(WireError::new(

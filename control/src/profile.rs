@@ -128,7 +128,8 @@ fn net_loopback(attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile,
             | f::NET_F_CTRL_VQ
             | f::NET_F_MQ
             | f::RING_EVENT_IDX
-            | f::RING_INDIRECT_DESC,
+            | f::RING_INDIRECT_DESC
+            | f::RING_PACKED,
         config,
         num_queues: 2 * pairs + 1,
         max_queue_size: qsize,
@@ -145,7 +146,8 @@ pub fn vduse_form(mut p: DeviceProfile) -> Result<DeviceProfile, WireError> {
                 "a VDUSE net device has no control queue, hence one queue pair only".into(),
             ));
         }
-        p.offered &= !(f::NET_F_CTRL_VQ | f::NET_F_MQ);
+        // Packed rings are not wired through the VDUSE door yet.
+        p.offered &= !(f::NET_F_CTRL_VQ | f::NET_F_MQ | f::RING_PACKED);
         p.num_queues = 2;
         p.required_queues.retain(|&q| q < 2);
     }
@@ -168,7 +170,10 @@ pub fn crash_losses(
     let used = |v: &[(u16, VqState)], q: u16| {
         v.iter()
             .find(|(i, _)| *i == q)
-            .map(|(_, VqState::Split { used_index, .. })| *used_index)
+            .and_then(|(_, st)| match st {
+                VqState::Split { used_index, .. } => Some(*used_index),
+                VqState::Packed { .. } => None,
+            })
     };
     let mut lost = Vec::new();
     for pair in 0..p.num_queues / 2 {

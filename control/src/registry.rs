@@ -115,6 +115,7 @@ impl Registry {
                     parent: s.parent.clone(),
                     device_type: s.device_type.clone(),
                     status: d.model.status(),
+                    driver_features: d.model.state_parts().0,
                     claimed: d.claimed_by.is_some(),
                     attached: d.model.is_attached(),
                     attrs: d.attrs.clone(),

@@ -696,15 +696,12 @@ impl Session {
         let mut d = lock(&self.dev);
         Server::detach(&mut d);
         for i in set {
-            if let crate::model::Step::Reply(Reply::QueueState(VqState::Split {
-                avail_index,
-                ..
-            })) = d
+            if let crate::model::Step::Reply(Reply::QueueState(st)) = d
                 .model
                 .handle(Request::GetQueueState { queue: i as u16 }, vec![])
             {
                 if let Some(r) = self.rings.get_mut(i) {
-                    r.base = avail_index;
+                    r.base = ring_base(st);
                 }
             }
         }
@@ -764,10 +761,8 @@ impl Session {
                 },
                 vec![],
             ));
-            let state = VqState::Split {
-                avail_index: ring.base,
-                used_index: ring.base,
-            };
+            let packed = self.acked.unwrap_or(0) & vmdev_proto::virtio::features::RING_PACKED != 0;
+            let state = ring_state(ring.base, packed);
             reqs.push((Request::SetQueueState { queue, state }, vec![]));
             let kick = match &ring.kick {
                 Some(k) => k.try_clone()?,
@@ -799,6 +794,37 @@ impl Session {
     pub fn close(&mut self) {
         self.stop();
         lock(&self.dev).model.release();
+    }
+}
+
+/// A ring position in vhost-user's VRING_BASE form: the avail index, and for packed rings
+/// its wrap counter in bit 15 (the device resumes with everything used).
+fn ring_base(st: VqState) -> u16 {
+    match st {
+        VqState::Split { avail_index, .. } => avail_index,
+        VqState::Packed {
+            avail_index,
+            avail_wrap,
+            ..
+        } => (avail_index & 0x7fff) | (u16::from(avail_wrap) << 15),
+    }
+}
+
+/// The queue state a VRING_BASE stands for.
+fn ring_state(base: u16, packed: bool) -> VqState {
+    if packed {
+        let (index, wrap) = (base & 0x7fff, base & 0x8000 != 0);
+        VqState::Packed {
+            avail_index: index,
+            avail_wrap: wrap,
+            used_index: index,
+            used_wrap: wrap,
+        }
+    } else {
+        VqState::Split {
+            avail_index: base,
+            used_index: base,
+        }
     }
 }
 

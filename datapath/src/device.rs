@@ -12,14 +12,16 @@ use vmdev_proto::{ErrorCode, WireError};
 use vmdev_shm_ring::dirty::DirtyLog;
 use vmdev_shm_ring::memory::SealPolicy;
 use vmdev_shm_ring::split::RingFeatures;
-use vmdev_shm_ring::{DeviceQueue, GuestAddr, GuestMemory, RingError};
+use crate::ring::Ring;
+use vmdev_proto::virtio::features::RING_PACKED;
+use vmdev_shm_ring::{GuestAddr, GuestMemory, RingError};
 
 /// One virtqueue as the datapath services it.
 pub struct QueueCtx {
     /// Queue index in the device.
     pub index: u16,
-    /// The device side of the ring.
-    pub ring: DeviceQueue,
+    /// The device side of the ring (split or packed).
+    pub ring: Ring,
     /// Counters (own cache line: stats replies read them between passes).
     pub stats: CachePadded<QueueStats>,
     kick: OwnedFd,
@@ -105,13 +107,13 @@ impl Device {
                 ));
                 break;
             };
-            let mut ring = match DeviceQueue::new(
+            let packed = spec.features & RING_PACKED != 0;
+            let mut ring = match Ring::new(
                 Arc::clone(&mem),
                 q.size,
-                GuestAddr(q.desc),
-                GuestAddr(q.driver),
-                GuestAddr(q.device),
+                (q.desc, q.driver, q.device),
                 features,
+                packed,
             ) {
                 Ok(r) => r,
                 Err(e) => {
@@ -122,14 +124,25 @@ impl Device {
                     break;
                 }
             };
-            let (avail_index, used_index) = if spec.recover {
+            let state = if spec.recover {
                 // Where the dead datapath left the ring: everything up to the published used
-                // index is done; chains it took but never completed are taken again.
+                // index is done; chains it took but never completed are taken again. (A
+                // packed ring keeps no used index in memory: not recoverable this way.)
                 let mut idx = [0u8; 2];
                 match mem.read(GuestAddr(q.device.wrapping_add(2)), &mut idx) {
-                    Ok(()) => {
+                    Ok(()) if !packed => {
                         let u = u16::from_le_bytes(idx);
-                        (u, u)
+                        VqState::Split {
+                            avail_index: u,
+                            used_index: u,
+                        }
+                    }
+                    Ok(()) => {
+                        result = Err(bad(
+                            ErrorCode::BadQueue,
+                            format!("queue {}: a packed ring cannot be recovered", q.index),
+                        ));
+                        break;
                     }
                     Err(e) => {
                         result = Err(bad(
@@ -140,13 +153,12 @@ impl Device {
                     }
                 }
             } else {
-                let VqState::Split {
-                    avail_index,
-                    used_index,
-                } = q.state;
-                (avail_index, used_index)
+                q.state
             };
-            ring.set_indices(avail_index, used_index);
+            if let Err(e) = ring.set_state(state) {
+                result = Err(bad(ErrorCode::BadQueue, format!("queue {}: {e}", q.index)));
+                break;
+            }
             let kick_slot = match uring.arm_kick(kick.as_fd()) {
                 Ok(Some(s)) => s,
                 Ok(None) => {
@@ -225,7 +237,7 @@ impl Device {
 
     /// Asks the driver to stop kicking (the datapath is polling).
     pub fn disable_notifications(&mut self) {
-        for q in &self.queues {
+        for q in &mut self.queues {
             q.ring.disable_notifications();
         }
     }
@@ -258,13 +270,7 @@ impl Device {
     pub fn states(&self) -> Vec<(u16, VqState)> {
         self.queues
             .iter()
-            .map(|q| {
-                let st = VqState::Split {
-                    avail_index: q.ring.next_avail(),
-                    used_index: q.ring.next_used(),
-                };
-                (q.index, st)
-            })
+            .map(|q| (q.index, q.ring.state()))
             .collect()
     }
 

@@ -9,5 +9,6 @@
 pub mod device;
 pub mod engine;
 pub mod net_loopback;
+pub mod ring;
 pub mod sys;
 pub mod uring;

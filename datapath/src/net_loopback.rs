@@ -102,7 +102,7 @@ impl NetLoopback {
                 break;
             }
             n += 1;
-            tx.ring.add_used(self.txc.head(), 0);
+            tx.ring.add_used(self.txc.head(), 0)?;
             tx.unsignalled = true;
             let total = self.txc.readable_len();
             if (total as usize) < HDR_LEN {
@@ -154,7 +154,7 @@ impl NetLoopback {
         match self.txc.copy_to(rxc) {
             Some(len) => {
                 rxc.write_at(HDR_NUM_BUFFERS, &1u16.to_le_bytes());
-                rx.ring.add_used(rxc.head(), len);
+                rx.ring.add_used(rxc.head(), len)?;
                 Ok(true)
             }
             None => {
@@ -200,7 +200,7 @@ impl NetLoopback {
         }
         self.rxc[0].write_at(HDR_NUM_BUFFERS, &(k as u16).to_le_bytes());
         for (c, &len) in self.rxc.iter().zip(&self.rx_lens) {
-            rx.ring.add_used(c.head(), len);
+            rx.ring.add_used(c.head(), len)?;
         }
         Ok(true)
     }
@@ -225,7 +225,7 @@ impl NetLoopback {
                 _ => CTRL_ERR,
             };
             let wrote = self.txc.write_at(0, &[ack]) as u32;
-            ctrl.ring.add_used(self.txc.head(), wrote);
+            ctrl.ring.add_used(self.txc.head(), wrote)?;
             ctrl.unsignalled = true;
             ctrl.stats.packets += 1;
             if ack != CTRL_OK {

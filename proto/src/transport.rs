@@ -283,6 +283,34 @@ pub enum VqState {
         /// Next used index.
         used_index: u16,
     },
+    /// Packed ring: next descriptor the device reads and the wrap counter expected there,
+    /// next descriptor it writes a used element into and the wrap counter it writes.
+    Packed {
+        /// Next avail position (0..size).
+        avail_index: u16,
+        /// Avail wrap counter.
+        avail_wrap: bool,
+        /// Next used position (0..size).
+        used_index: u16,
+        /// Used wrap counter.
+        used_wrap: bool,
+    },
+}
+
+impl VqState {
+    /// The state of a fresh queue of the given ring kind.
+    pub fn fresh(packed: bool) -> VqState {
+        if packed {
+            VqState::Packed {
+                avail_index: 0,
+                avail_wrap: true,
+                used_index: 0,
+                used_wrap: true,
+            }
+        } else {
+            VqState::default()
+        }
+    }
 }
 
 impl Default for VqState {
@@ -395,6 +423,8 @@ pub struct DeviceInfo {
     pub device_type: String,
     /// Current virtio status byte.
     pub status: u8,
+    /// Features the driver accepted (0 before it did).
+    pub driver_features: u64,
     /// Whether a driver holds it.
     pub claimed: bool,
     /// Whether the datapath is servicing it right now.

@@ -57,6 +57,12 @@ impl Chain {
         self.writable_len = 0;
     }
 
+    /// Sets the id the chain is returned under (a packed ring learns it from the chain's
+    /// last descriptor, after walking it).
+    pub(crate) fn set_head(&mut self, head: u16) {
+        self.head = head;
+    }
+
     /// Appends a segment that `mem` translated; readable segments must come first.
     pub(crate) fn push(
         &mut self,
@@ -90,7 +96,8 @@ impl Chain {
         }
     }
 
-    /// The head descriptor index: what goes into the used ring.
+    /// The head descriptor index (split ring) or the buffer id (packed ring): what goes
+    /// into the used ring.
     pub fn head(&self) -> u16 {
         self.head
     }

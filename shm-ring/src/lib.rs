@@ -5,6 +5,9 @@
 //! * [`split`]: the split virtqueue layout, its **device side** ([`DeviceQueue`], used by
 //!   the datapath) and **driver side** ([`DriverQueue`], used by driver clients), with
 //!   indirect descriptors and EVENT_IDX.
+//! * [`packed`]: the packed virtqueue layout (VIRTIO_F_RING_PACKED), its device side
+//!   ([`PackedDeviceQueue`]) and driver side ([`PackedDriverQueue`]), with indirect
+//!   descriptors and event suppression.
 //! * [`chain`]: a validated descriptor chain, resolved to host memory once.
 //!
 //! Everything read from guest memory is read as bytes and checked before use; nothing in
@@ -18,10 +21,12 @@ pub mod chain;
 pub mod dirty;
 pub mod error;
 pub mod memory;
+pub mod packed;
 pub mod split;
 
 pub use addr::GuestAddr;
 pub use chain::Chain;
 pub use error::{MemError, RingError};
 pub use memory::{create_sealed_memfd, GuestMemory};
+pub use packed::{PackedDeviceQueue, PackedDriverQueue, PackedLayout, PackedState};
 pub use split::{DeviceQueue, DriverQueue, SplitLayout};

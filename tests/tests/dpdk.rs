@@ -9,6 +9,8 @@ use std::time::Duration;
 use vmdev_tests::{external_tool, frame_seq, make_frame, wait_until, Daemons};
 use vmdev_tools::{NetDriver, NetDriverConfig};
 
+static NEXT_PREFIX: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// An interactive testpmd with its output lines on a channel.
 struct Testpmd {
     child: Child,
@@ -17,7 +19,12 @@ struct Testpmd {
 }
 
 impl Testpmd {
-    fn start(path: &std::path::Path, sock: &std::path::Path, queues: u16) -> Testpmd {
+    fn start(
+        path: &std::path::Path,
+        sock: &std::path::Path,
+        queues: u16,
+        vdev_extra: &str,
+    ) -> Testpmd {
         // Line-buffered, so answers to interactive commands arrive while it runs.
         let mut child = Command::new("stdbuf")
             .arg("-oL")
@@ -32,10 +39,15 @@ impl Testpmd {
                 "-m",
                 "1024",
             ])
-            .arg(format!("--file-prefix=vmdev-test-{}", std::process::id()))
+            // One prefix per instance: tests of this file run in parallel.
+            .arg(format!(
+                "--file-prefix=vmdev-test-{}-{}",
+                std::process::id(),
+                NEXT_PREFIX.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ))
             .arg("--vdev")
             .arg(format!(
-                "net_virtio_user0,path={},queues={queues}",
+                "net_virtio_user0,path={},queues={queues}{vdev_extra}",
                 sock.display()
             ))
             .args(["--", "-i", "--nb-cores=1", "--total-num-mbufs=16384"])
@@ -112,7 +124,7 @@ fn testpmd_virtio_user_loops_through_vmdev_while_vmdev_driver_uses_another_devic
         sock.exists()
     });
 
-    let mut pmd = Testpmd::start(&testpmd, &sock, 2);
+    let mut pmd = Testpmd::start(&testpmd, &sock, 2, "");
     pmd.cmd("start tx_first");
     // The second door at the same time: vmdev's own driver on another device.
     let mut drv =
@@ -187,4 +199,67 @@ fn testpmd_virtio_user_loops_through_vmdev_while_vmdev_driver_uses_another_devic
         stats(&d, &other.to_string())["queues"][0]["packets"].as_u64(),
         Some(10_000)
     );
+}
+
+#[test]
+fn testpmd_virtio_user_with_packed_rings_loops_through_vmdev() {
+    let Some(testpmd) = external_tool("dpdk-testpmd") else {
+        return;
+    };
+    let mut d = Daemons::start();
+    d.add_datapath("dp0");
+    let sock = d.run_dir.join("vu0.sock");
+    let vu = d.start_device_with("dp0", &["unsealed-memory=accept"], Some(&sock));
+    wait_until("the vhost-user socket", Duration::from_secs(10), || {
+        sock.exists()
+    });
+    let mut pmd = Testpmd::start(&testpmd, &sock, 1, ",packed_vq=1");
+    pmd.cmd("start tx_first");
+    let mut c = d.client();
+    wait_until("DRIVER_OK", Duration::from_secs(20), || {
+        c.list_devices()
+            .unwrap()
+            .iter()
+            .any(|x| x.uuid == vu && x.attached)
+    });
+    let dev = c
+        .list_devices()
+        .unwrap()
+        .into_iter()
+        .find(|x| x.uuid == vu)
+        .unwrap();
+    assert_ne!(
+        dev.driver_features & vmdev_proto::virtio::features::RING_PACKED,
+        0,
+        "testpmd negotiated packed rings"
+    );
+    loop {
+        pmd.cmd("show port stats 0");
+        let rx = pmd.value_after("RX-packets:");
+        pmd.value_after("TX-packets:");
+        if rx >= 200_000 {
+            break;
+        }
+    }
+    pmd.cmd("stop");
+    pmd.value_after("TX-packets:");
+    let _rx_total = pmd.value_after("RX-packets:");
+    let tx_total = pmd.value_after("TX-packets:");
+    pmd.cmd("quit");
+    assert!(pmd.child.wait().unwrap().success(), "testpmd failed");
+    wait_until("the device to be released", Duration::from_secs(20), || {
+        c.list_devices()
+            .unwrap()
+            .iter()
+            .any(|x| x.uuid == vu && !x.claimed && !x.attached)
+    });
+    let v = stats(&d, &vu.to_string());
+    let q = |i: usize, k: &str| v["queues"][i][k].as_u64().unwrap();
+    assert_eq!(
+        q(1, "packets"),
+        tx_total,
+        "vmdev saw every frame testpmd transmitted"
+    );
+    assert_eq!(q(0, "packets"), q(1, "packets"), "every frame came back");
+    assert_eq!(q(0, "drops") + q(1, "drops"), 0);
 }

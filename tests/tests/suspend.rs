@@ -9,11 +9,13 @@ use vmdev_tests::{frame_seq, make_frame, wait_until, Daemons};
 use vmdev_tools::{NetDriver, NetDriverConfig};
 
 fn split(s: VqState) -> (u16, u16) {
-    let VqState::Split {
-        avail_index,
-        used_index,
-    } = s;
-    (avail_index, used_index)
+    match s {
+        VqState::Split {
+            avail_index,
+            used_index,
+        } => (avail_index, used_index),
+        other => panic!("expected a split-ring state, got {other:?}"),
+    }
 }
 
 #[test]
