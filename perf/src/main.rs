@@ -5,6 +5,7 @@ mod hgrm;
 mod loopback;
 mod migration;
 mod pin;
+mod report;
 mod scale;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,8 @@ enum Cmd {
     Migrate(migration::MigrateArgs),
     /// Throughput with dirty logging off and on, alternating in the same run.
     DirtyLog(migration::DirtyLogArgs),
+    /// Latency and throughput sweeps written as JSON and SVG charts.
+    Report(report::ReportArgs),
     /// Aggregate rate of 1, 8, 64… devices on one datapath thread.
     Scale(scale::ScaleArgs),
     /// CPU an idle device costs its datapath, and how fast it wakes.
@@ -52,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Throughput(args) => loopback::throughput(&args),
         Cmd::Migrate(args) => migration::migrate(&args),
         Cmd::DirtyLog(args) => migration::dirty_log(&args),
+        Cmd::Report(args) => report::report(&args),
         Cmd::Scale(args) => scale::scale(&args),
         Cmd::Idle(args) => scale::idle(&args),
         Cmd::Floors(args) => floors::run_cli(&args),
