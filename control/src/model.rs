@@ -563,7 +563,9 @@ impl DeviceModel {
         }
         let added = s & !cur;
         if added & st::FAILED != 0 {
-            self.status |= s;
+            // The driver gave up: FAILED is recorded, nothing else it wrote with it (a
+            // DRIVER_OK riding along must not skip the status sequence; found by fuzzing).
+            self.status = cur | st::FAILED;
             return if self.attached {
                 Step::Detach(Reply::Ok)
             } else {
@@ -889,6 +891,15 @@ mod tests {
     const ALL: u8 = st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK;
 
     #[test]
+    fn failed_written_with_other_bits_records_only_failed() {
+        let mut m = model();
+        let r = reply(m.handle(Request::SetStatus(st::FAILED | st::DRIVER_OK), vec![]));
+        assert_eq!(r, Reply::Ok);
+        assert_eq!(m.status(), st::FAILED, "no DRIVER_OK without the sequence");
+        assert!(!m.is_attached());
+    }
+
+    #[test]
     fn status_sequence_is_enforced() {
         let mut m = model();
         assert_eq!(
@@ -926,7 +937,7 @@ mod tests {
         let mut m = model();
         reply(m.handle(Request::SetStatus(st::ACKNOWLEDGE | st::DRIVER), vec![]));
         reply(m.handle(
-            Request::SetDriverFeatures(features::VERSION_1 | features::RING_PACKED),
+            Request::SetDriverFeatures(features::VERSION_1 | (1 << 63)),
             vec![],
         ));
         assert_eq!(
