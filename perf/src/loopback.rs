@@ -1,6 +1,8 @@
 //! `vmdev-perf latency` and `vmdev-perf throughput`: frames through a net-loopback device
-//! with vmdev's own driver — over the vmdev protocol (`-u UUID`) or the kernel's vhost-vdpa
-//! (`--vhost-vdpa /dev/vhost-vdpa-N`) — followed by the floors measured on the same cores.
+//! with vmdev's own driver — over the vmdev protocol (`-u UUID`), the kernel's vhost-vdpa
+//! (`--vhost-vdpa /dev/vhost-vdpa-N`) or vhost-user as a front end (`--vhost-user SOCK`:
+//! vmdev's vhost-user door or any vhost-user-net back end, e.g. DPDK's vhost PMD) —
+//! followed by the floors measured on the same cores.
 
 use crate::floors::{self, fmt_ns, FloorResult};
 use crate::{hgrm, pin};
@@ -11,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vmdev_proto::Uuid;
 use vmdev_tools::{
-    DeviceTransport, NetDriver, NetDriverConfig, NotifyMode, TransportClient, VhostVdpa,
+    DeviceTransport, NetDriver, NetDriverConfig, NotifyMode, TransportClient, VhostUserFront,
+    VhostVdpa,
 };
 
 /// Options shared by both benchmarks.
@@ -24,7 +27,7 @@ pub struct Common {
     #[arg(
         short,
         long,
-        required_unless_present = "vhost_vdpa",
+        required_unless_present_any = ["vhost_vdpa", "vhost_user"],
         default_value_t = Uuid::nil(),
         hide_default_value = true
     )]
@@ -34,11 +37,17 @@ pub struct Common {
     /// only with --cpu.
     #[arg(long, value_name = "PATH", conflicts_with = "uuid")]
     pub vhost_vdpa: Option<PathBuf>,
+    /// Drive a vhost-user-net back end instead, as its front end (SOCK: the socket of
+    /// vmdev's vhost-user door, `vmdevctl start ... --vhost-user SOCK`, or of another back
+    /// end such as DPDK's vhost PMD, which must send every frame back): no control plane is
+    /// asked anything, so the driver is pinned only with --cpu.
+    #[arg(long, value_name = "SOCK", conflicts_with_all = ["uuid", "vhost_vdpa"])]
+    pub vhost_user: Option<PathBuf>,
     /// Frame size in bytes (Ethernet header + payload, 60..=MTU+14).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
     /// CPU to pin the driver to (default: a CPU other than the datapath's, if any; with
-    /// --vhost-vdpa, no pinning).
+    /// --vhost-vdpa or --vhost-user, no pinning).
     #[arg(long)]
     pub cpu: Option<usize>,
     /// Sleep on the call eventfd instead of busy-polling the used ring.
@@ -84,7 +93,8 @@ pub(crate) struct Setup<T = TransportClient> {
     pub frame: Vec<u8>,
     pub cpus: Option<(usize, usize)>,
     pub parent: String,
-    /// The device as the user named it: its UUID or its vhost-vdpa path.
+    /// The device as the user named it: its UUID, its vhost-vdpa path or its vhost-user
+    /// socket.
     pub target: String,
 }
 
@@ -170,6 +180,12 @@ pub(crate) fn setup(c: &Common) -> Result<Setup> {
             path.display()
         );
     }
+    if let Some(path) = &c.vhost_user {
+        bail!(
+            "this benchmark needs a vmdev device (-u UUID), not the vhost-user socket {}",
+            path.display()
+        );
+    }
     let mut client = TransportClient::connect(&c.run_dir)?;
     let dev = client
         .list_devices()?
@@ -212,6 +228,22 @@ pub(crate) fn setup_vhost_vdpa(c: &Common, path: &Path) -> Result<Setup<VhostVdp
         frame,
         cpus,
         parent: "vhost-vdpa".into(),
+        target: path.display().to_string(),
+    })
+}
+
+/// Connects to the vhost-user back end on `path` as its front end with vmdev's own driver,
+/// pinned only as --cpu says (no control plane tells where the back end runs).
+pub(crate) fn setup_vhost_user(c: &Common, path: &Path) -> Result<Setup<VhostUserFront>> {
+    let cpus = pin_driver(c.cpu, None)?;
+    let drv = NetDriver::open_vhost_user(path, driver_config(c))
+        .with_context(|| format!("driving the vhost-user back end {}", path.display()))?;
+    let frame = test_frame(&drv, c.size)?;
+    Ok(Setup {
+        drv,
+        frame,
+        cpus,
+        parent: "vhost-user".into(),
         target: path.display().to_string(),
     })
 }
@@ -277,9 +309,11 @@ fn wait_one<T: DeviceTransport>(
 
 /// Runs `vmdev-perf latency`.
 pub fn latency(a: &LatencyArgs) -> Result<()> {
-    match &a.common.vhost_vdpa {
-        Some(path) => run_latency(a, setup_vhost_vdpa(&a.common, path)?),
-        None => run_latency(a, setup(&a.common)?),
+    let c = &a.common;
+    match (&c.vhost_vdpa, &c.vhost_user) {
+        (Some(path), _) => run_latency(a, setup_vhost_vdpa(c, path)?),
+        (None, Some(sock)) => run_latency(a, setup_vhost_user(c, sock)?),
+        (None, None) => run_latency(a, setup(c)?),
     }
 }
 
@@ -374,9 +408,11 @@ fn print_floors(fl: &[FloorResult], ours_ns: f64, what: &str) {
 
 /// Runs `vmdev-perf throughput`.
 pub fn throughput(a: &ThroughputArgs) -> Result<()> {
-    match &a.common.vhost_vdpa {
-        Some(path) => run_throughput(a, setup_vhost_vdpa(&a.common, path)?),
-        None => run_throughput(a, setup(&a.common)?),
+    let c = &a.common;
+    match (&c.vhost_vdpa, &c.vhost_user) {
+        (Some(path), _) => run_throughput(a, setup_vhost_vdpa(c, path)?),
+        (None, Some(sock)) => run_throughput(a, setup_vhost_user(c, sock)?),
+        (None, None) => run_throughput(a, setup(c)?),
     }
 }
 

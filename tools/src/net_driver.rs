@@ -1,12 +1,14 @@
 //! A virtio-net driver: negotiates features (MAC, MTU, EVENT_IDX, INDIRECT_DESC), lays out
 //! its own memfd memory (rings + buffers), and sends and receives frames through the driver
 //! side of `vmdev-shm-ring`. It reaches its device through any [`DeviceTransport`]: the
-//! vmdev protocol ([`NetDriver::open`]) or the kernel's vhost-vdpa
-//! ([`NetDriver::open_vhost_vdpa`]).
+//! vmdev protocol ([`NetDriver::open`]), the kernel's vhost-vdpa
+//! ([`NetDriver::open_vhost_vdpa`]) or a vhost-user back end's socket
+//! ([`NetDriver::open_vhost_user`]).
 
 use crate::client::TransportClient;
 use crate::sys;
 use crate::transport::{DeviceTransport, TransportError};
+use crate::vhost_user_front::{VhostUserFront, VhostUserFrontError};
 use crate::vhost_vdpa::{VhostVdpa, VhostVdpaError};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -23,6 +25,10 @@ use vmdev_shm_ring::{
 /// Guest address where the driver's memory starts (any 4 KiB-aligned value works).
 pub const GUEST_BASE: u64 = 0x1_0000_0000;
 
+/// The MAC used when the device's config space cannot be read and the caller gave none:
+/// locally administered, unicast ("vmdev" after the 0x02).
+pub const DEFAULT_MAC: [u8; 6] = [0x02, b'v', b'm', b'd', b'e', b'v'];
+
 /// Room before each TX buffer for its two-entry indirect table.
 const TX_TABLE: u64 = 64;
 
@@ -35,6 +41,9 @@ pub enum DriverError {
     /// A vhost-vdpa ioctl or IOTLB update failed (the message names the device and ioctl).
     #[error(transparent)]
     VhostVdpa(#[from] VhostVdpaError),
+    /// A vhost-user request failed (the message names the socket and request).
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserFrontError),
     /// The device broke the ring contract.
     #[error("ring: {0}")]
     Ring(#[from] RingError),
@@ -59,6 +68,7 @@ impl From<TransportError> for DriverError {
         match e {
             TransportError::Vmdev(e) => DriverError::Transport(e),
             TransportError::VhostVdpa(e) => DriverError::VhostVdpa(e),
+            TransportError::VhostUser(e) => DriverError::VhostUser(e),
         }
     }
 }
@@ -102,6 +112,10 @@ pub struct NetDriverConfig {
     pub mrg_rxbuf: bool,
     /// RX buffer size in bytes (0: room for a whole frame; at least 64 otherwise).
     pub rx_buffer_size: u32,
+    /// The MAC to use when the device's config space cannot be read (a vhost-user back
+    /// end without the CONFIG protocol feature); `None`: [`DEFAULT_MAC`]. A device whose
+    /// config space is readable always gives its own.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Default for NetDriverConfig {
@@ -114,6 +128,7 @@ impl Default for NetDriverConfig {
             tx_layout: TxLayout::Contiguous,
             mrg_rxbuf: false,
             rx_buffer_size: 0,
+            mac: None,
         }
     }
 }
@@ -174,6 +189,9 @@ pub struct NetDriver<T = TransportClient> {
 
 /// A virtio-net driver over the kernel's vhost-vdpa char device.
 pub type VhostVdpaNetDriver = NetDriver<VhostVdpa>;
+
+/// A virtio-net driver acting as a vhost-user front end.
+pub type VhostUserNetDriver = NetDriver<VhostUserFront>;
 
 fn round_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
@@ -366,6 +384,24 @@ impl NetDriver<VhostVdpa> {
     }
 }
 
+impl NetDriver<VhostUserFront> {
+    /// Connects to the vhost-user-net back end listening on `path` (vmdev's vhost-user door,
+    /// DPDK's vhost PMD...) and drives it as a VMM would: negotiates, hands it the memory
+    /// table and the RX and TX rings, posts every RX buffer and sets DRIVER_OK (when the
+    /// rings are actually handed over). A back end without the CONFIG protocol feature has
+    /// no readable config space: MAC and MTU are then not negotiated, the MAC is
+    /// `cfg.mac` (or [`DEFAULT_MAC`]) and the MTU 1500. [`NetDriver::uuid`] is nil.
+    pub fn open_vhost_user(path: &Path, cfg: NetDriverConfig) -> Result<Self, DriverError> {
+        let front = VhostUserFront::connect(path, vmdev_proto::virtio::device_id::NET)?;
+        Self::start(front, Uuid::nil(), cfg)
+    }
+
+    /// The vhost-user front end (for requests the driver does not wrap).
+    pub fn vhost_user(&mut self) -> &mut VhostUserFront {
+        &mut self.client
+    }
+}
+
 impl<T: DeviceTransport> NetDriver<T> {
     /// Negotiates, lays out memory, hands the queues and sets DRIVER_OK: the setup every
     /// transport shares.
@@ -377,7 +413,11 @@ impl<T: DeviceTransport> NetDriver<T> {
         c.set_status(st::ACKNOWLEDGE)?;
         c.set_status(st::ACKNOWLEDGE | st::DRIVER)?;
         let offered = c.device_features()?;
-        let mut want = f::VERSION_1 | f::NET_F_MAC | f::NET_F_MTU | f::NET_F_STATUS;
+        let has_config = c.config_readable();
+        let mut want = f::VERSION_1;
+        if has_config {
+            want |= f::NET_F_MAC | f::NET_F_MTU | f::NET_F_STATUS;
+        }
         want |= c.required_features();
         if cfg.event_idx {
             want |= f::RING_EVENT_IDX;
@@ -401,13 +441,19 @@ impl<T: DeviceTransport> NetDriver<T> {
                 "the device did not accept our features".into(),
             ));
         }
-        let config = c.read_config(0, net::CONFIG_LEN as u32)?;
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(
-            config
-                .get(0..6)
-                .ok_or_else(|| DriverError::Device("short config".into()))?,
-        );
+        let config = if has_config {
+            c.read_config(0, net::CONFIG_LEN as u32)?
+        } else {
+            Vec::new()
+        };
+        let mut mac = cfg.mac.unwrap_or(DEFAULT_MAC);
+        if has_config {
+            mac.copy_from_slice(
+                config
+                    .get(0..6)
+                    .ok_or_else(|| DriverError::Device("short config".into()))?,
+            );
+        }
         let mtu = if features & f::NET_F_MTU != 0 {
             match config.get(net::CONFIG_MTU..net::CONFIG_MTU + 2) {
                 Some(&[a, b]) => u16::from_le_bytes([a, b]),
@@ -563,7 +609,7 @@ impl<T: DeviceTransport> NetDriver<T> {
         Ok(())
     }
 
-    /// The device's UUID (nil for a vhost-vdpa device).
+    /// The device's UUID (nil for a vhost-vdpa or vhost-user device).
     pub fn uuid(&self) -> Uuid {
         self.uuid
     }

@@ -1,15 +1,18 @@
 //! One driver-side interface to a virtio device, whichever door it is reached through:
-//! the vmdev protocol ([`TransportClient`]) or the kernel's vhost-vdpa char device
-//! ([`VhostVdpa`]). [`crate::NetDriver`] sets a device up through [`DeviceTransport`] only.
+//! the vmdev protocol ([`TransportClient`]), the kernel's vhost-vdpa char device
+//! ([`VhostVdpa`]) or a vhost-user back end's socket ([`crate::VhostUserFront`], which
+//! implements the trait in its own module). [`crate::NetDriver`] sets a device up through
+//! [`DeviceTransport`] only.
 
 use crate::client::TransportClient;
+use crate::vhost_user_front::VhostUserFrontError;
 use crate::vhost_vdpa::{VhostVdpa, VhostVdpaError};
 use std::os::fd::BorrowedFd;
 use vmdev_proto::virtio::features as f;
 use vmdev_proto::ProtoError;
 use vmdev_shm_ring::{GuestAddr, GuestMemory};
 
-/// A failure of either transport.
+/// A failure of any transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The vmdev protocol failed or the control plane refused a request.
@@ -18,6 +21,9 @@ pub enum TransportError {
     /// A vhost-vdpa ioctl or IOTLB update failed.
     #[error("{0}")]
     VhostVdpa(#[from] VhostVdpaError),
+    /// A vhost-user request failed or the back end lacks what was asked.
+    #[error("{0}")]
+    VhostUser(#[from] VhostUserFrontError),
 }
 
 /// The operations a driver needs to negotiate with a device and hand it its queues.
@@ -75,6 +81,12 @@ pub trait DeviceTransport {
     /// (vhost-vdpa: VIRTIO_F_ACCESS_PLATFORM, since ring and buffer addresses are IOVAs).
     fn required_features(&self) -> u64 {
         0
+    }
+    /// Whether [`DeviceTransport::read_config`] can work at all. A vhost-user back end
+    /// without the CONFIG protocol feature (DPDK's vhost PMD) has no readable config space:
+    /// the driver then negotiates no feature whose value lives there (MAC, MTU, link status).
+    fn config_readable(&mut self) -> bool {
+        true
     }
 }
 
