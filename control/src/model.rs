@@ -168,16 +168,45 @@ impl DeviceModel {
                 format!("saved features {features:#x} are not all offered here"),
             ));
         }
-        for &(i, _) in queues {
+        // The saved status must be a prefix of the sequence, and a FEATURES_OK one needs
+        // features the device could have accepted (found by fuzzing).
+        let status = status & (st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK);
+        if ![
+            0,
+            st::ACKNOWLEDGE,
+            st::ACKNOWLEDGE | st::DRIVER,
+            st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK,
+        ]
+        .contains(&status)
+        {
+            return Err(WireError::new(
+                ErrorCode::BadState,
+                format!("saved status {} is out of order", status_name(status)),
+            ));
+        }
+        if status & st::FEATURES_OK != 0 && features & features::VERSION_1 == 0 {
+            return Err(WireError::new(
+                ErrorCode::BadFeatures,
+                "saved features lack VERSION_1",
+            ));
+        }
+        let packed = features & features::RING_PACKED != 0;
+        for &(i, st) in queues {
             self.queue_index(i).map_err(|_| {
                 WireError::new(
                     ErrorCode::BadQueue,
                     format!("saved queue {i} does not exist here"),
                 )
             })?;
+            if matches!(st, VqState::Packed { .. }) != packed {
+                return Err(WireError::new(
+                    ErrorCode::BadQueue,
+                    format!("saved queue {i}: {st:?} does not match the saved ring kind"),
+                ));
+            }
         }
         self.driver_features = features;
-        self.status = status & (st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK);
+        self.status = status;
         for &(i, state) in queues {
             self.queues[i as usize].state = state;
         }
@@ -234,6 +263,11 @@ impl DeviceModel {
                 ..
             } => avail_index >= size || used_index >= size,
         }
+    }
+
+    /// Whether a queue state is of the ring kind the driver negotiated (packed or split).
+    fn state_fits(&self, state: VqState) -> bool {
+        matches!(state, VqState::Packed { .. }) == self.packed()
     }
 
     /// Whether the driver negotiated packed rings.
@@ -313,7 +347,10 @@ impl DeviceModel {
                     return ok();
                 }
                 match self.attach_spec() {
-                    Ok(spec) if self.status & st::NEEDS_RESET == 0 => Step::Attach(spec),
+                    // A device the driver gave up on (FAILED) or that needs a reset stays put.
+                    Ok(spec) if self.status & (st::NEEDS_RESET | st::FAILED) == 0 => {
+                        Step::Attach(spec)
+                    }
                     Ok(_) => ok(),
                     Err(e) => Step::Reply(Reply::Error(e)),
                 }
@@ -330,6 +367,13 @@ impl DeviceModel {
             Request::SetQueueState { queue, state } if self.state_beyond_ring(queue, state) => err(
                 ErrorCode::BadQueue,
                 format!("queue {queue}: {state:?} has more buffers in flight than the ring holds"),
+            ),
+            Request::SetQueueState { queue, state } if !self.state_fits(state) => err(
+                ErrorCode::BadQueue,
+                format!(
+                    "queue {queue}: {state:?} is not a state of a {} ring",
+                    if self.packed() { "packed" } else { "split" }
+                ),
             ),
             Request::SetQueueState { queue, state } if self.suspended => {
                 match self.queue_index(queue) {
@@ -889,6 +933,38 @@ mod tests {
     }
 
     const ALL: u8 = st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK;
+
+    #[test]
+    fn fuzz_findings_stay_fixed() {
+        // A state blob's status out of order, or a ring state of the other kind: refused.
+        let mut m = model();
+        let e = m
+            .load_state(features::VERSION_1, st::FEATURES_OK, &[])
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadState);
+        assert_eq!(m.status(), 0);
+        let packed = VqState::fresh(true);
+        let e = m
+            .load_state(
+                features::VERSION_1,
+                st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK,
+                &[(0, packed)],
+            )
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadQueue);
+        negotiate(&mut m);
+        assert_eq!(
+            code(m.handle(
+                Request::SetQueueState {
+                    queue: 0,
+                    state: packed
+                },
+                vec![]
+            )),
+            ErrorCode::BadQueue,
+            "a packed state on a split ring"
+        );
+    }
 
     #[test]
     fn failed_written_with_other_bits_records_only_failed() {
