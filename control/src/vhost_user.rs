@@ -469,7 +469,10 @@ impl Session {
                 let s = parse::<VhostUserVringState>(req, p)?;
                 let (index, num) = (s.index, s.num);
                 let max = self.max_queue;
-                if num == 0 || !num.is_power_of_two() || num > max as u32 {
+                // Packed rings may have any size; split rings need a power of two.
+                let packed =
+                    self.acked.unwrap_or(0) & vmdev_proto::virtio::features::RING_PACKED != 0;
+                if num == 0 || (!packed && !num.is_power_of_two()) || num > max as u32 {
                     return Err(VuError::Invalid(format!(
                         "vring size {num} is not a power of two in 1..={max}"
                     )));

@@ -53,6 +53,9 @@ pub struct Common {
     /// Sleep on the call eventfd instead of busy-polling the used ring.
     #[arg(long)]
     pub interrupts: bool,
+    /// Use packed virtqueues (VIRTIO_F_RING_PACKED); the device must offer them.
+    #[arg(long)]
+    pub packed: bool,
     /// Round trips per floor measurement (0 skips the floors).
     #[arg(long, default_value_t = 20_000)]
     pub floor_iters: u64,
@@ -206,6 +209,7 @@ pub(crate) fn setup(c: &Common) -> Result<Setup> {
     let cpus = pin_driver(my_cpu, dp_cpu)?;
     let drv =
         NetDriver::open(&c.run_dir, c.uuid, driver_config(c)).context("opening the device")?;
+    check_packed(c, &drv)?;
     let frame = test_frame(&drv, c.size)?;
     Ok(Setup {
         drv,
@@ -222,6 +226,7 @@ pub(crate) fn setup_vhost_vdpa(c: &Common, path: &Path) -> Result<Setup<VhostVdp
     let cpus = pin_driver(c.cpu, None)?;
     let drv = NetDriver::open_vhost_vdpa(path, driver_config(c))
         .with_context(|| format!("opening the vhost-vdpa device {}", path.display()))?;
+    check_packed(c, &drv)?;
     let frame = test_frame(&drv, c.size)?;
     Ok(Setup {
         drv,
@@ -238,6 +243,7 @@ pub(crate) fn setup_vhost_user(c: &Common, path: &Path) -> Result<Setup<VhostUse
     let cpus = pin_driver(c.cpu, None)?;
     let drv = NetDriver::open_vhost_user(path, driver_config(c))
         .with_context(|| format!("driving the vhost-user back end {}", path.display()))?;
+    check_packed(c, &drv)?;
     let frame = test_frame(&drv, c.size)?;
     Ok(Setup {
         drv,
@@ -268,8 +274,17 @@ fn driver_config(c: &Common) -> NetDriverConfig {
     };
     NetDriverConfig {
         mode,
+        packed: c.packed,
         ..Default::default()
     }
+}
+
+/// With --packed, fails unless the device took packed rings (no silent split run).
+fn check_packed<T: DeviceTransport>(c: &Common, drv: &NetDriver<T>) -> Result<()> {
+    if c.packed && !drv.packed() {
+        bail!("--packed: the device does not offer VIRTIO_F_RING_PACKED");
+    }
+    Ok(())
 }
 
 /// A `size`-byte frame to the device's MAC.
@@ -338,6 +353,7 @@ fn run_latency<T: DeviceTransport>(a: &LatencyArgs, mut s: Setup<T>) -> Result<(
             hist.saturating_record(dt.as_nanos() as u64);
         }
     }
+    let packed = s.drv.packed();
     drop(s.drv);
     if let Some(path) = &a.hgrm {
         std::fs::write(path, hgrm::render(&hist))
@@ -355,19 +371,20 @@ fn run_latency<T: DeviceTransport>(a: &LatencyArgs, mut s: Setup<T>) -> Result<(
             "benchmark": "latency", "frames": a.frames, "size": a.common.size, "parent": s.parent,
             "device": s.target,
             "cpus": s.cpus.map(|(x, y)| [x, y]), "interrupts": a.common.interrupts,
-            "p50_ns": pct(0.5), "p90_ns": pct(0.9), "p99_ns": pct(0.99), "p999_ns": pct(0.999),
+            "packed": packed, "p50_ns": pct(0.5), "p90_ns": pct(0.9), "p99_ns": pct(0.99), "p999_ns": pct(0.999),
             "max_ns": hist.max(), "mean_ns": hist.mean(), "floors": floors_json, "ratios": ratios,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "latency: {} round trips of one {}-byte frame through {} on '{}' ({}; driver/datapath CPUs {:?})",
+        "latency: {} round trips of one {}-byte frame through {} on '{}' ({}, {} rings; driver/datapath CPUs {:?})",
         a.frames,
         a.common.size,
         s.target,
         s.parent,
         if a.common.interrupts { "interrupts" } else { "busy-polling" },
+        if packed { "packed" } else { "split" },
         s.cpus
     );
     println!(
@@ -436,6 +453,7 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
     let secs = t0.elapsed().as_secs_f64();
     let frames = pump.got - got0;
     let batch = pump.batch;
+    let packed = s.drv.packed();
     drop(s.drv);
     let fps = frames as f64 / secs;
     let gbps = fps * a.common.size as f64 * 8.0 / 1e9;
@@ -446,18 +464,20 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
             "benchmark": "throughput", "size": a.common.size, "batch": batch, "seconds": secs,
             "frames": frames, "frames_per_s": fps, "gbit_per_s": gbps, "ns_per_frame": ns_per_frame,
             "parent": s.parent, "device": s.target, "cpus": s.cpus.map(|(x, y)| [x, y]),
-            "interrupts": a.common.interrupts, "floors": floors::to_json(&fl, a.common.floor_iters, s.cpus),
+            "interrupts": a.common.interrupts, "packed": packed,
+            "floors": floors::to_json(&fl, a.common.floor_iters, s.cpus),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "throughput: {}-byte frames, batch {batch}, {:.1} s through {} on '{}' ({}; driver/datapath CPUs {:?})",
+        "throughput: {}-byte frames, batch {batch}, {:.1} s through {} on '{}' ({}, {} rings; driver/datapath CPUs {:?})",
         a.common.size,
         secs,
         s.target,
         s.parent,
         if a.common.interrupts { "interrupts" } else { "busy-polling" },
+        if packed { "packed" } else { "split" },
         s.cpus
     );
     println!(

@@ -140,7 +140,12 @@ pub fn scale(a: &ScaleArgs) -> Result<()> {
                 drivers.push(NetDriver::open(&a.run_dir, u, NetDriverConfig::default())?);
             }
             let frame = frame_for(&drivers[0], a.size);
-            let fps = pump_for(&mut drivers, &frame, a.batch, Duration::from_secs_f64(a.seconds))?;
+            let fps = pump_for(
+                &mut drivers,
+                &frame,
+                a.batch,
+                Duration::from_secs_f64(a.seconds),
+            )?;
             Ok(fps)
         })();
         for u in uuids {
@@ -156,7 +161,9 @@ pub fn scale(a: &ScaleArgs) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "benchmark": "scale", "parent": a.parent, "size": a.size, "batch": a.batch, "rows": v }))?
+            serde_json::to_string_pretty(
+                &json!({ "benchmark": "scale", "parent": a.parent, "size": a.size, "batch": a.batch, "rows": v })
+            )?
         );
         return Ok(());
     }
@@ -164,7 +171,10 @@ pub fn scale(a: &ScaleArgs) -> Result<()> {
         "scale: {}-byte frames, batch {} per device, one driver thread, datapath '{}'",
         a.size, a.batch, a.parent
     );
-    println!("{:>8} {:>16} {:>12}", "devices", "Mframes/s total", "vs first");
+    println!(
+        "{:>8} {:>16} {:>12}",
+        "devices", "Mframes/s total", "vs first"
+    );
     for (n, fps) in &rows {
         println!("{n:>8} {:>16.3} {:>12.3}", fps / 1e6, fps / base);
     }
@@ -198,7 +208,11 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
     drop(c);
     let (pid, dp_cpu) = parent_info(&a.run_dir, &dev.parent)?;
     pin_driver(a.cpu, dp_cpu)?;
-    let mut drivers = vec![NetDriver::open(&a.run_dir, a.uuid, NetDriverConfig::default())?];
+    let mut drivers = vec![NetDriver::open(
+        &a.run_dir,
+        a.uuid,
+        NetDriverConfig::default(),
+    )?];
     let frame = frame_for(&drivers[0], 64);
     // Busy first, so the idle spell starts from full speed.
     let busy_fps = pump_for(&mut drivers, &frame, 32, Duration::from_millis(500))?;
@@ -250,10 +264,19 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
         );
         return Ok(());
     }
-    println!("idle: device {} on '{}' (datapath pid {pid})", a.uuid, dev.parent);
+    println!(
+        "idle: device {} on '{}' (datapath pid {pid})",
+        a.uuid, dev.parent
+    );
     println!("busy                      {:.3} Mframes/s", busy_fps / 1e6);
-    println!("idle CPU of the datapath  {idle_pct:.3} % of a core over {:.1} s", a.seconds);
-    println!("first round trip after idle {:.1} µs", first_rt.as_nanos() as f64 / 1e3);
+    println!(
+        "idle CPU of the datapath  {idle_pct:.3} % of a core over {:.1} s",
+        a.seconds
+    );
+    println!(
+        "first round trip after idle {:.1} µs",
+        first_rt.as_nanos() as f64 / 1e3
+    );
     println!(
         "frames in the first ms after 100 ms idle: {first_ms} (steady ms: {steady_ms}, {:.0} %)",
         first_ms as f64 / steady_ms.max(1) as f64 * 100.0

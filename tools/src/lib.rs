@@ -9,11 +9,14 @@
 //!   implemented by all three of the above;
 //! * [`net_driver`]: a virtio-net driver over the driver side of `vmdev-shm-ring`, with its
 //!   own memfd memory, RX/TX queues and feature negotiation, over any transport;
+//! * [`driver_ring`]: one driver-side virtqueue, split or packed, behind the operations
+//!   the driver uses;
 //! * [`sys`]: eventfd and poll helpers.
 //!
 //! `vmdevctl` (the mdevctl-like command) is built on [`client`].
 
 pub mod client;
+pub mod driver_ring;
 pub mod net_driver;
 pub mod sys;
 pub mod transport;
@@ -21,6 +24,7 @@ pub mod vhost_user_front;
 pub mod vhost_vdpa;
 
 pub use client::TransportClient;
+pub use driver_ring::DriverRing;
 pub use net_driver::{
     NetDriver, NetDriverConfig, NotifyMode, TxLayout, VhostUserNetDriver, VhostVdpaNetDriver,
 };

@@ -1,11 +1,13 @@
-//! A virtio-net driver: negotiates features (MAC, MTU, EVENT_IDX, INDIRECT_DESC), lays out
-//! its own memfd memory (rings + buffers), and sends and receives frames through the driver
-//! side of `vmdev-shm-ring`. It reaches its device through any [`DeviceTransport`]: the
+//! A virtio-net driver: negotiates features (MAC, MTU, EVENT_IDX, INDIRECT_DESC, and
+//! RING_PACKED when asked), lays out its own memfd memory (rings + buffers), and sends and
+//! receives frames through the driver side of `vmdev-shm-ring`, split or packed
+//! ([`DriverRing`]). It reaches its device through any [`DeviceTransport`]: the
 //! vmdev protocol ([`NetDriver::open`]), the kernel's vhost-vdpa
 //! ([`NetDriver::open_vhost_vdpa`]) or a vhost-user back end's socket
 //! ([`NetDriver::open_vhost_user`]).
 
 use crate::client::TransportClient;
+use crate::driver_ring::{ring_offsets, DriverRing};
 use crate::sys;
 use crate::transport::{DeviceTransport, TransportError};
 use crate::vhost_user_front::{VhostUserFront, VhostUserFrontError};
@@ -18,9 +20,7 @@ use uuid::Uuid;
 use vmdev_proto::virtio::{features as f, net, status as st};
 use vmdev_proto::ProtoError;
 use vmdev_shm_ring::split::{RingFeatures, Segment};
-use vmdev_shm_ring::{
-    create_sealed_memfd, DriverQueue, GuestAddr, GuestMemory, RingError, SplitLayout,
-};
+use vmdev_shm_ring::{create_sealed_memfd, GuestAddr, GuestMemory, RingError};
 
 /// Guest address where the driver's memory starts (any 4 KiB-aligned value works).
 pub const GUEST_BASE: u64 = 0x1_0000_0000;
@@ -98,7 +98,8 @@ pub enum TxLayout {
 /// Driver settings.
 #[derive(Debug, Clone, Copy)]
 pub struct NetDriverConfig {
-    /// Queue size (0: the device's maximum).
+    /// Queue size (0: the device's maximum; capped at it). Split rings need a power of
+    /// two; packed rings take any size.
     pub queue_size: u16,
     /// Negotiate EVENT_IDX if offered.
     pub event_idx: bool,
@@ -116,6 +117,10 @@ pub struct NetDriverConfig {
     /// end without the CONFIG protocol feature); `None`: [`DEFAULT_MAC`]. A device whose
     /// config space is readable always gives its own.
     pub mac: Option<[u8; 6]>,
+    /// Negotiate VIRTIO_F_RING_PACKED if offered: both queues are then packed rings (any
+    /// queue size, not only powers of two). Over the vmdev protocol and vhost-user; refused
+    /// over vhost-vdpa ([`NetDriver::open_vhost_vdpa`]).
+    pub packed: bool,
 }
 
 impl Default for NetDriverConfig {
@@ -129,6 +134,7 @@ impl Default for NetDriverConfig {
             mrg_rxbuf: false,
             rx_buffer_size: 0,
             mac: None,
+            packed: false,
         }
     }
 }
@@ -136,11 +142,11 @@ impl Default for NetDriverConfig {
 /// Guest addresses of one queue's rings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingAddrs {
-    /// Descriptor table.
+    /// Descriptor table (packed: descriptor ring).
     pub desc: u64,
-    /// Driver (avail) ring.
+    /// Driver area: avail ring (packed: driver event suppression structure).
     pub driver: u64,
-    /// Device (used) ring.
+    /// Device area: used ring (packed: device event suppression structure).
     pub device: u64,
     /// Queue size.
     pub size: u16,
@@ -168,8 +174,8 @@ pub struct NetDriver<T = TransportClient> {
     features: u64,
     mac: [u8; 6],
     mtu: u16,
-    rx: DriverQueue,
-    tx: DriverQueue,
+    rx: DriverRing,
+    tx: DriverRing,
     rings: [RingAddrs; 2],
     kick: [OwnedFd; 2],
     call: [OwnedFd; 2],
@@ -178,7 +184,10 @@ pub struct NetDriver<T = TransportClient> {
     rx_buf: u64,
     tx_base: u64,
     tx_buf: u64,
+    /// RX buffer of each in-flight chain, by the token `add` returned (split: head
+    /// descriptor; packed: buffer id), which is what `pop_used` gives back.
     rx_buf_of_head: Vec<u32>,
+    /// TX buffer of each in-flight chain, by token as for RX.
     tx_buf_of_head: Vec<u32>,
     tx_free: Vec<u32>,
     rx_unpublished: usize,
@@ -374,7 +383,14 @@ impl NetDriver<VhostVdpa> {
     /// VIRTIO_F_ACCESS_PLATFORM), maps its memory through the IOTLB, sets up the RX and TX
     /// queues (vhost-vdpa net devices have no control queue here), posts every RX buffer and
     /// sets DRIVER_OK. [`NetDriver::uuid`] is nil: such a device has no vmdev UUID.
+    /// Packed rings (`cfg.packed`) are refused here: vhost-vdpa would start them at base 0
+    /// with wrap counters 0, not where a fresh packed ring starts.
     pub fn open_vhost_vdpa(path: &Path, cfg: NetDriverConfig) -> Result<Self, DriverError> {
+        if cfg.packed {
+            return Err(DriverError::Device(
+                "packed rings are not supported over vhost-vdpa by this driver".into(),
+            ));
+        }
         Self::start(VhostVdpa::open(path)?, Uuid::nil(), cfg)
     }
 
@@ -428,6 +444,9 @@ impl<T: DeviceTransport> NetDriver<T> {
         if cfg.mrg_rxbuf {
             want |= f::NET_F_MRG_RXBUF;
         }
+        if cfg.packed {
+            want |= f::RING_PACKED;
+        }
         let features = want & offered;
         if features & f::VERSION_1 == 0 {
             return Err(DriverError::Device(
@@ -467,6 +486,7 @@ impl<T: DeviceTransport> NetDriver<T> {
             net::DEFAULT_MTU
         };
 
+        let packed = features & f::RING_PACKED != 0;
         let mut sizes = [0u16; 2];
         for (q, s) in sizes.iter_mut().enumerate() {
             let max = c.queue_max_size(q as u16)?;
@@ -497,7 +517,7 @@ impl<T: DeviceTransport> NetDriver<T> {
         let mut off = 0u64;
         let mut ring_offs = [(0u64, 0u64, 0u64); 2];
         for (q, r) in ring_offs.iter_mut().enumerate() {
-            let (d, a, u, total) = SplitLayout::new(sizes[q]).packed_offsets();
+            let (d, a, u, total) = ring_offsets(sizes[q], packed);
             *r = (off + d, off + a, off + u);
             off = round_up(off + total, 4096);
         }
@@ -537,13 +557,12 @@ impl<T: DeviceTransport> NetDriver<T> {
         let rf = RingFeatures::from_bits(features);
         hand_queues(&mut c, &rings, &kick, &call)?;
         let mk = |r: RingAddrs| {
-            DriverQueue::new(
+            DriverRing::new(
                 Arc::clone(&mem),
                 r.size,
-                GuestAddr(r.desc),
-                GuestAddr(r.driver),
-                GuestAddr(r.device),
+                (r.desc, r.driver, r.device),
                 rf,
+                packed,
             )
         };
         let rx = mk(rings[0])?;
@@ -617,6 +636,11 @@ impl<T: DeviceTransport> NetDriver<T> {
     /// Negotiated features.
     pub fn features(&self) -> u64 {
         self.features
+    }
+
+    /// Whether the queues are packed rings (VIRTIO_F_RING_PACKED was negotiated).
+    pub fn packed(&self) -> bool {
+        self.rx.is_packed()
     }
 
     /// The device's MAC address.
@@ -1060,6 +1084,46 @@ mod tests {
             &log[6..10],
             ["q0 size 256", "q0 addr 0x1000", "q0 kick", "q0 call"]
         );
+    }
+
+    #[test]
+    fn packed_rings_are_taken_only_when_asked_and_offered_and_use_the_packed_layout() {
+        let mut m = mock(0, (0, u64::MAX));
+        m.offered |= f::RING_PACKED;
+        let drv = NetDriver::start(m, Uuid::nil(), NetDriverConfig::default()).expect("setup");
+        assert!(!drv.packed());
+        assert_eq!(drv.features() & f::RING_PACKED, 0);
+
+        let mut m = mock(0, (0, u64::MAX));
+        m.offered |= f::RING_PACKED;
+        let cfg = NetDriverConfig {
+            packed: true,
+            queue_size: 100,
+            ..Default::default()
+        };
+        let drv = NetDriver::start(m, Uuid::nil(), cfg).expect("setup");
+        assert!(drv.packed());
+        assert_ne!(drv.client.accepted & f::RING_PACKED, 0);
+        let rx = drv.ring_addrs(0).expect("rx ring");
+        let tx = drv.ring_addrs(1).expect("tx ring");
+        // 100 descriptors of 16 bytes, then the two 4-byte event areas on their own lines.
+        assert_eq!(rx.size, 100);
+        assert_eq!(rx.desc, GUEST_BASE);
+        assert_eq!(rx.driver, GUEST_BASE + 1600);
+        assert_eq!(rx.device, GUEST_BASE + 1664);
+        assert_eq!(tx.desc, GUEST_BASE + 4096);
+        assert!(drv.client.log.iter().any(|l| l == "q1 size 100"));
+
+        // Asked but not offered: split rings (which need a power-of-two size).
+        let cfg = NetDriverConfig {
+            queue_size: 128,
+            ..cfg
+        };
+        let drv = NetDriver::start(mock(0, (0, u64::MAX)), Uuid::nil(), cfg).expect("setup");
+        assert!(!drv.packed());
+        assert_eq!(drv.features() & f::RING_PACKED, 0);
+        // Split: the avail ring follows the 2048-byte descriptor table.
+        assert_eq!(drv.ring_addrs(0).map(|r| r.driver), Some(GUEST_BASE + 2048));
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! * **Setup**: memory regions, ring sizes, addresses and eventfds are recorded, and sent at
 //!   DRIVER_OK, in QEMU's order: SET_MEM_TABLE (the memfd, at the driver's guest address,
 //!   with this process's mapping address as `userspace_addr`), then per queue SET_VRING_NUM,
-//!   SET_VRING_BASE(0), SET_VRING_ADDR (front-end virtual addresses: the guest addresses
+//!   SET_VRING_BASE(0; 0x8000 for a packed ring: index 0, wrap counter 1 in bit 15),
+//!   SET_VRING_ADDR (front-end virtual addresses: the guest addresses
 //!   translated through the memory table), SET_VRING_KICK, SET_VRING_CALL, then
 //!   SET_VRING_ENABLE(1) per ready queue when bit 30 was acked, and finally
 //!   SET_STATUS(DRIVER_OK) if STATUS was negotiated.
@@ -502,6 +503,10 @@ impl VhostUserFront {
         }
         self.send_mem_table()?;
         let gated = self.acked.unwrap_or(0) & F_PROTOCOL_FEATURES != 0;
+        let packed = self.acked.unwrap_or(0) & vmdev_proto::virtio::features::RING_PACKED != 0;
+        // Where a fresh ring starts: a packed ring's base carries its wrap counter (1) in
+        // bit 15, as QEMU sends it.
+        let base = if packed { 0x8000 } else { 0 };
         let queues: Vec<usize> = (0..self.rings.len())
             .filter(|&q| self.rings[q].size.is_some())
             .collect();
@@ -519,13 +524,19 @@ impl VhostUserFront {
                     ))
                 })
             };
+            // Packed: descriptor ring, then two 4-byte event suppression structures.
+            let (avail_len, used_len) = if packed {
+                (4, 4)
+            } else {
+                (6 + 2 * n, 6 + 8 * n)
+            };
             let config = VringConfigData {
                 queue_max_size: self.queue_max.max(size),
                 queue_size: size,
                 flags: 0,
                 desc_table_addr: tr(desc, 16 * n, "descriptor table")?,
-                used_ring_addr: tr(used, 6 + 8 * n, "used ring")?,
-                avail_ring_addr: tr(avail, 6 + 2 * n, "avail ring")?,
+                used_ring_addr: tr(used, used_len, "used ring")?,
+                avail_ring_addr: tr(avail, avail_len, "avail ring")?,
                 log_addr: None,
             };
             let (kick, call) = match (&ring.kick, &ring.call) {
@@ -540,7 +551,7 @@ impl VhostUserFront {
                 }
             };
             self.acked_req("SET_VRING_NUM", |fe| fe.set_vring_num(q, size))?;
-            self.acked_req("SET_VRING_BASE", |fe| fe.set_vring_base(q, 0))?;
+            self.acked_req("SET_VRING_BASE", |fe| fe.set_vring_base(q, base))?;
             self.acked_req("SET_VRING_ADDR", |fe| fe.set_vring_addr(q, &config))?;
             self.acked_req("SET_VRING_KICK", |fe| fe.set_vring_kick(q, &kick))?;
             self.acked_req("SET_VRING_CALL", |fe| fe.set_vring_call(q, &call))?;

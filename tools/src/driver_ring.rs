@@ -1,0 +1,258 @@
+//! One driver-side virtqueue, split or packed (VIRTIO_F_RING_PACKED), behind the few
+//! operations [`crate::NetDriver`] uses — the driver-side twin of the datapath's
+//! `ring.rs`.
+//!
+//! The two forms differ where the caller can see it in one place: what [`DriverRing::add`]
+//! returns and [`DriverRing::pop_used`] gives back is a descriptor head for a split ring and
+//! a buffer id for a packed ring. Either way the value `pop_used` returns is one that `add`
+//! (or `add_indirect`) returned for a chain still in flight, and is below
+//! [`DriverRing::size`], so a caller maps it to its buffer with a table of `size` entries.
+
+use std::sync::Arc;
+use vmdev_shm_ring::split::{RingFeatures, Segment};
+use vmdev_shm_ring::{
+    DriverQueue, GuestAddr, GuestMemory, PackedDriverQueue, PackedLayout, RingError, SplitLayout,
+};
+
+/// The driver side of a split or a packed ring.
+pub enum DriverRing {
+    /// Split ring (descriptor table, avail ring, used ring).
+    Split(DriverQueue),
+    /// Packed ring (descriptor ring, driver and device event suppression structures).
+    Packed(PackedDriverQueue),
+}
+
+/// Byte offsets of a queue's three areas from a 64-byte-aligned base, and their total
+/// length: (descriptor area, driver area, device area, total), for a split ring
+/// (descriptor table, avail ring, used ring) or a packed ring (descriptor ring, driver
+/// event suppression, device event suppression).
+pub fn ring_offsets(size: u16, packed: bool) -> (u64, u64, u64, u64) {
+    if packed {
+        PackedLayout::new(size).packed_offsets()
+    } else {
+        SplitLayout::new(size).packed_offsets()
+    }
+}
+
+impl DriverRing {
+    /// A ring of `size` over `mem` at the three guest addresses (for packed: descriptor
+    /// ring, driver event area, device event area), packed when `packed`. Zeroes the
+    /// ring's memory.
+    pub fn new(
+        mem: Arc<GuestMemory>,
+        size: u16,
+        addrs: (u64, u64, u64),
+        features: RingFeatures,
+        packed: bool,
+    ) -> Result<DriverRing, RingError> {
+        let (a, b, c) = (GuestAddr(addrs.0), GuestAddr(addrs.1), GuestAddr(addrs.2));
+        Ok(if packed {
+            DriverRing::Packed(PackedDriverQueue::new(mem, size, a, b, c, features)?)
+        } else {
+            DriverRing::Split(DriverQueue::new(mem, size, a, b, c, features)?)
+        })
+    }
+
+    /// Whether this is a packed ring.
+    pub fn is_packed(&self) -> bool {
+        matches!(self, DriverRing::Packed(_))
+    }
+
+    /// Queue size.
+    pub fn size(&self) -> u16 {
+        match self {
+            DriverRing::Split(r) => r.size(),
+            DriverRing::Packed(r) => r.size(),
+        }
+    }
+
+    /// Moves the ring to another mapping of the same guest addresses, keeping every
+    /// position and chain in flight.
+    pub fn remap(&mut self, mem: Arc<GuestMemory>) -> Result<(), RingError> {
+        match self {
+            DriverRing::Split(r) => r.remap(mem),
+            DriverRing::Packed(r) => r.remap(mem),
+        }
+    }
+
+    /// Free descriptors.
+    pub fn free_descriptors(&self) -> usize {
+        match self {
+            DriverRing::Split(r) => r.free_descriptors(),
+            DriverRing::Packed(r) => r.free_descriptors(),
+        }
+    }
+
+    /// Chains added and not yet returned by the device.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            DriverRing::Split(r) => r.in_flight(),
+            DriverRing::Packed(r) => r.in_flight(),
+        }
+    }
+
+    /// Adds a chain of direct descriptors; returns its token (split: head descriptor,
+    /// packed: buffer id), or `None` if the ring lacks free descriptors. Not visible to the
+    /// device until [`DriverRing::publish`].
+    #[inline]
+    pub fn add(&mut self, segs: &[Segment]) -> Option<u16> {
+        match self {
+            DriverRing::Split(r) => r.add(segs),
+            DriverRing::Packed(r) => r.add(segs),
+        }
+    }
+
+    /// Adds a chain through an indirect table the caller placed at `table` (room for
+    /// `segs.len()` descriptors of 16 bytes, the same size in both ring forms); returns its
+    /// token as [`DriverRing::add`] does.
+    #[inline]
+    pub fn add_indirect(
+        &mut self,
+        table: GuestAddr,
+        segs: &[Segment],
+    ) -> Result<Option<u16>, RingError> {
+        match self {
+            DriverRing::Split(r) => r.add_indirect(table, segs),
+            DriverRing::Packed(r) => r.add_indirect(table, segs),
+        }
+    }
+
+    /// Makes every chain added so far visible to the device (one release store).
+    #[inline]
+    pub fn publish(&mut self) {
+        match self {
+            DriverRing::Split(r) => r.publish(),
+            DriverRing::Packed(r) => r.publish(),
+        }
+    }
+
+    /// After publishing: whether the device asked to be kicked.
+    #[inline]
+    pub fn needs_kick(&mut self) -> bool {
+        match self {
+            DriverRing::Split(r) => r.needs_kick(),
+            DriverRing::Packed(r) => r.needs_kick(),
+        }
+    }
+
+    /// Takes the next used chain: the token [`DriverRing::add`] returned for it and the
+    /// length the device wrote. A token the driver never handed out is an error.
+    #[inline]
+    pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, RingError> {
+        match self {
+            DriverRing::Split(r) => r.pop_used(),
+            DriverRing::Packed(r) => r.pop_used(),
+        }
+    }
+
+    /// Asks the device to notify on the next used buffer, then re-checks: `true` when used
+    /// buffers are already waiting (do not sleep).
+    pub fn enable_interrupts(&mut self) -> bool {
+        match self {
+            DriverRing::Split(r) => r.enable_interrupts(),
+            DriverRing::Packed(r) => r.enable_interrupts(),
+        }
+    }
+
+    /// Asks the device not to notify (while the driver polls).
+    pub fn disable_interrupts(&mut self) {
+        match self {
+            DriverRing::Split(r) => r.disable_interrupts(),
+            DriverRing::Packed(r) => r.disable_interrupts(),
+        }
+    }
+
+    /// The memory this ring lives in.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        match self {
+            DriverRing::Split(r) => r.memory(),
+            DriverRing::Packed(r) => r.memory(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmdev_shm_ring::create_sealed_memfd;
+    use vmdev_shm_ring::PackedDeviceQueue;
+
+    const BASE: u64 = 0x10_0000;
+
+    fn memory(len: u64) -> Arc<GuestMemory> {
+        let fd = create_sealed_memfd("driver-ring-test", len).expect("memfd");
+        let mut mem = GuestMemory::new();
+        mem.add_region(fd, GuestAddr(BASE), len, 0).expect("map");
+        Arc::new(mem)
+    }
+
+    #[test]
+    fn packed_tokens_are_buffer_ids_that_come_back_from_pop_used() {
+        let size = 5; // not a power of two
+        let (d, a, u, total) = ring_offsets(size, true);
+        let mem = memory(4096 + total);
+        let addrs = (BASE + d, BASE + a, BASE + u);
+        let rf = RingFeatures::default();
+        let mut drv = DriverRing::new(Arc::clone(&mem), size, addrs, rf, true).expect("ring");
+        assert!(drv.is_packed());
+        let mut dev = PackedDeviceQueue::new(
+            Arc::clone(&mem),
+            size,
+            GuestAddr(addrs.0),
+            GuestAddr(addrs.1),
+            GuestAddr(addrs.2),
+            rf,
+        )
+        .expect("device");
+        let buf = BASE + total;
+        let seg = |i: u64| Segment {
+            addr: GuestAddr(buf + i * 64),
+            len: 64,
+            writable: true,
+        };
+        let mut chain = vmdev_shm_ring::Chain::default();
+        // Many rounds so the positions wrap several times with an odd size.
+        for round in 0..20u32 {
+            let t1 = drv.add(&[seg(0), seg(1)]).expect("room");
+            let t2 = drv.add(&[seg(2)]).expect("room");
+            assert_eq!(drv.free_descriptors(), 2);
+            drv.publish();
+            assert_eq!(drv.in_flight(), 2);
+            // The device completes them in reverse order.
+            let mut ids = Vec::new();
+            while dev.pop(&mut chain).expect("pop") {
+                ids.push(chain.head());
+            }
+            assert_eq!(ids, [t1, t2]);
+            dev.add_used(t2, 7 + round).expect("used");
+            dev.add_used(t1, 9).expect("used");
+            dev.publish_used();
+            assert_eq!(drv.pop_used().expect("ok"), Some((t2, 7 + round)));
+            assert_eq!(drv.pop_used().expect("ok"), Some((t1, 9)));
+            assert_eq!(drv.pop_used().expect("ok"), None);
+            assert_eq!(drv.free_descriptors(), size as usize);
+        }
+    }
+
+    #[test]
+    fn split_tokens_are_heads() {
+        let size = 8;
+        let (d, a, u, total) = ring_offsets(size, false);
+        let mem = memory(4096 + total);
+        let addrs = (BASE + d, BASE + a, BASE + u);
+        let mut drv =
+            DriverRing::new(mem, size, addrs, RingFeatures::default(), false).expect("ring");
+        assert!(!drv.is_packed());
+        let t = drv
+            .add(&[Segment {
+                addr: GuestAddr(BASE + total),
+                len: 64,
+                writable: false,
+            }])
+            .expect("room");
+        assert!(t < size);
+        drv.publish();
+        assert_eq!(drv.in_flight(), 1);
+        assert_eq!(drv.pop_used().expect("ok"), None);
+    }
+}
