@@ -59,7 +59,7 @@ run_vmdev() {
 
 # vmdev's own driver (vmdev-perf throughput, vmdev protocol) on CPU 1, vmdev-datapath on CPU 0.
 run_vmdev_own() {
-  local size=$1 run=$W/run-own
+  local size=$1 run=$W/run-own extra=${2:-}
   mkdir -p "$run"
   VMDEV_LOG=warn "$B/vmdev-control" --run-dir "$run" & local ctl=$!; PIDS+=("$ctl")
   for _ in $(seq 100); do [ -S "$run/control.sock" ] && break; sleep 0.05; done
@@ -68,7 +68,7 @@ run_vmdev_own() {
   local uuid
   uuid=$("$B/vmdevctl" --run-dir "$run" start -p dp0 -t net-loopback --attr mtu=1504)
   "$B/vmdev-perf" throughput --run-dir "$run" -u "$uuid" --size "$size" --seconds "$((SECS - 2))" \
-    --cpu 1 --floor-iters 0 --json 2>/dev/null |
+    --cpu 1 --floor-iters 0 --json $extra 2>/dev/null |
     sed -n 's/.*"frames_per_s": \([0-9.]*\).*/\1/p' | awk '{printf "%d\n", $1} END {if (NR==0) print 0}'
   kill "$ctl" 2>/dev/null; wait "$ctl" "$dp" 2>/dev/null || true
   rm -rf "$run"
@@ -82,21 +82,24 @@ echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f
 echo "A: DPDK loopback   testpmd virtio-user (io, tx_first) on CPU 1 -> testpmd vhost PMD (io) on CPU 0"
 echo "B: vmdev door      testpmd virtio-user (io, tx_first) on CPU 1 -> vmdev vhost-user door + vmdev-datapath on CPU 0"
 echo "C: vmdev own       vmdev-perf throughput (vmdev's driver, vmdev protocol) on CPU 1 -> vmdev-datapath on CPU 0"
-echo "$RUNS runs x ${SECS}s each, back to back (A B C A B C ...); round-trip Mframes/s: median (min-max)"
-printf '%-6s %-22s %-22s %-22s %-8s %s\n' size "A: DPDK" "B: vmdev door" "C: vmdev own" "B/A" "C/A"
+echo "D: vmdev packed    as C with packed virtqueues (--packed)"
+echo "$RUNS runs x ${SECS}s each, back to back (A B C D A B C D ...); round-trip Mframes/s: median (min-max)"
+printf '%-6s %-20s %-20s %-20s %-20s %-6s %-6s %s\n' size "A: DPDK" "B: vmdev door" "C: vmdev own" "D: vmdev packed" "B/A" "C/A" "D/A"
 for size in $SIZES; do
-  d=(); v=(); o=()
+  d=(); v=(); o=(); p=()
   for _ in $(seq "$RUNS"); do
     d+=("$(run_dpdk "$size")")
     v+=("$(run_vmdev "$size")")
     o+=("$(run_vmdev_own "$size")")
+    p+=("$(run_vmdev_own "$size" --packed)")
   done
   read -r dm dlo dhi <<<"$(stats "${d[@]}")"
   read -r vm vlo vhi <<<"$(stats "${v[@]}")"
   read -r om olo ohi <<<"$(stats "${o[@]}")"
+  read -r pm plo phi <<<"$(stats "${p[@]}")"
   awk -v s="$size" -v dm="$dm" -v dlo="$dlo" -v dhi="$dhi" -v vm="$vm" -v vlo="$vlo" -v vhi="$vhi" \
-      -v om="$om" -v olo="$olo" -v ohi="$ohi" 'BEGIN {
-    printf "%-6s %5.2f (%5.2f-%5.2f)    %5.2f (%5.2f-%5.2f)    %5.2f (%5.2f-%5.2f)    %-8.2f %.2f\n",
+      -v om="$om" -v olo="$olo" -v ohi="$ohi" -v pm="$pm" -v plo="$plo" -v phi="$phi" 'BEGIN {
+    printf "%-6s %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %-6.2f %-6.2f %.2f\n",
       s, dm/1e6, dlo/1e6, dhi/1e6, vm/1e6, vlo/1e6, vhi/1e6, om/1e6, olo/1e6, ohi/1e6,
-      (dm > 0 ? vm/dm : 0), (dm > 0 ? om/dm : 0) }'
+      pm/1e6, plo/1e6, phi/1e6, (dm > 0 ? vm/dm : 0), (dm > 0 ? om/dm : 0), (dm > 0 ? pm/dm : 0) }'
 done
