@@ -2,18 +2,18 @@
 //! device sides, their eventfds and counters, and the back end that gives it behaviour.
 
 use crate::net_loopback::NetLoopback;
+use crate::ring::Ring;
 use crate::uring::Uring;
 use crossbeam_utils::CachePadded;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use vmdev_proto::datapath::AttachSpec;
 use vmdev_proto::transport::{DeviceStats, QueueStats, VqState};
+use vmdev_proto::virtio::features::RING_PACKED;
 use vmdev_proto::{ErrorCode, WireError};
 use vmdev_shm_ring::dirty::DirtyLog;
 use vmdev_shm_ring::memory::SealPolicy;
 use vmdev_shm_ring::split::RingFeatures;
-use crate::ring::Ring;
-use vmdev_proto::virtio::features::RING_PACKED;
 use vmdev_shm_ring::{GuestAddr, GuestMemory, RingError};
 
 /// One virtqueue as the datapath services it.
