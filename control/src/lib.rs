@@ -10,6 +10,8 @@
 //! * [`vduse`]: the VDUSE front door (the kernel's virtio_vdpa / vhost_vdpa), with
 //!   [`vduse_sys`] (the VDUSE uAPI) and [`vdpa`] (vDPA bus netlink and sysfs binding).
 
+#![warn(missing_docs)]
+
 pub mod defined;
 pub mod model;
 pub mod parent;

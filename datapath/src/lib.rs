@@ -6,6 +6,8 @@
 //! * [`net_loopback`]: the sample back end;
 //! * [`sys`]: CPU pinning.
 
+#![warn(missing_docs)]
+
 pub mod device;
 pub mod engine;
 pub mod net_loopback;

@@ -6,6 +6,8 @@
 //! with a [`Hello`] carrying the protocol version and feature bits. Virtio constants used by
 //! every side live in [`virtio`].
 
+#![warn(missing_docs)]
+
 pub mod datapath;
 pub mod error;
 pub mod frame;

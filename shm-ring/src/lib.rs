@@ -13,6 +13,8 @@
 //! Everything read from guest memory is read as bytes and checked before use; nothing in
 //! this crate panics on guest-controlled data.
 
+#![warn(missing_docs)]
+
 #[cfg(not(target_endian = "little"))]
 compile_error!("vmdev-shm-ring assumes a little-endian host (virtio 1.x rings are little-endian)");
 

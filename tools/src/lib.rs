@@ -15,6 +15,8 @@
 //!
 //! `vmdevctl` (the mdevctl-like command) is built on [`client`].
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod driver_ring;
 pub mod net_driver;
