@@ -147,7 +147,7 @@ fn requests_out_of_order_get_typed_errors() {
         "queue before FEATURES_OK"
     );
     c.set_status(st::ACKNOWLEDGE | st::DRIVER).unwrap();
-    c.set_driver_features(1 << 32 | 1 << 34).unwrap();
+    c.set_driver_features(1 << 32 | 1 << 63).unwrap();
     assert_eq!(
         remote_code(
             c.set_status(st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK)
