@@ -19,6 +19,9 @@ struct Args {
     /// this uid (repeatable); root and this daemon's own uid are always allowed.
     #[arg(long = "allow-uid", value_name = "UID")]
     allow_uids: Vec<u32>,
+    /// Most client connections (drivers, vmdevctl) served at once; more are refused.
+    #[arg(long, default_value_t = vmdev_control::server::DEFAULT_MAX_CLIENTS)]
+    max_clients: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,8 +37,13 @@ fn main() -> anyhow::Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| args.run_dir.clone());
-    let server = Server::new(args.run_dir.clone(), &state_dir, &args.allow_uids)
-        .context("loading defined devices")?;
+    let server = Server::new(
+        args.run_dir.clone(),
+        &state_dir,
+        &args.allow_uids,
+        args.max_clients,
+    )
+    .context("loading defined devices")?;
     let on_signal = std::sync::Arc::clone(&server);
     vmdev_control::sys::on_termination(move || on_signal.cleanup())
         .context("installing signal handling")?;

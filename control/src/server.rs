@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 use vmdev_proto::datapath::{DpEvent, DpOp, DpReply, FromDatapath, ToDatapath};
@@ -31,7 +31,13 @@ pub struct Server {
     registry: Mutex<Registry>,
     next_conn: AtomicU64,
     allowed_uids: Vec<u32>,
+    /// Client connections being served now, and the most allowed at once.
+    clients: AtomicUsize,
+    max_clients: usize,
 }
+
+/// Client connections served at once by default (each has its own thread).
+pub const DEFAULT_MAX_CLIENTS: usize = 1024;
 
 fn werr(code: ErrorCode, msg: impl Into<String>) -> Reply {
     Reply::Error(WireError::new(code, msg))
@@ -78,6 +84,7 @@ impl Server {
         run_dir: PathBuf,
         state_dir: &Path,
         allow_uids: &[u32],
+        max_clients: usize,
     ) -> Result<Arc<Self>, DefinedError> {
         let mut allowed_uids = vec![0, sys::own_uid()];
         allowed_uids.extend_from_slice(allow_uids);
@@ -87,6 +94,8 @@ impl Server {
             registry: Mutex::new(Registry::default()),
             next_conn: AtomicU64::new(1),
             allowed_uids,
+            clients: AtomicUsize::new(0),
+            max_clients,
         }))
     }
 
@@ -126,7 +135,15 @@ impl Server {
         std::thread::Builder::new()
             .name("parents".into())
             .spawn(move || accept_loop(parents, me, Server::serve_parent))?;
-        accept_loop(clients, Arc::clone(self), Server::serve_client);
+        for conn in clients.incoming() {
+            match conn {
+                Ok(s) => self.accept_client(s),
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -331,6 +348,37 @@ impl Server {
     }
 
     // ---------------------------------------------------------------- drivers, vmdevctl
+
+    /// Serves a new client on its own thread, unless `max_clients` are being served: then
+    /// it gets a clear error and is closed (no thread is spent on it).
+    fn accept_client(self: &Arc<Self>, s: UnixStream) {
+        if self.clients.fetch_add(1, Ordering::AcqRel) >= self.max_clients {
+            self.clients.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                max = self.max_clients,
+                "client refused: too many connections"
+            );
+            let e = WireError::new(
+                ErrorCode::NoCapacity,
+                format!(
+                    "the control plane serves at most {} connections (vmdev-control --max-clients)",
+                    self.max_clients
+                ),
+            );
+            let _ = Channel::new(s).send(&Reply::Error(e), &[]);
+            return;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new().spawn(move || {
+            let server = Arc::clone(&me);
+            me.serve_client(s);
+            server.clients.fetch_sub(1, Ordering::AcqRel);
+        });
+        if let Err(e) = spawned {
+            self.clients.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!("cannot start a connection thread: {e}");
+        }
+    }
 
     fn serve_client(self: Arc<Self>, stream: UnixStream) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);

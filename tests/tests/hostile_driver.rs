@@ -698,3 +698,35 @@ fn half_sent_frame() {
     drop(half);
     s.finish();
 }
+
+#[test]
+fn connections_beyond_the_limit_are_refused_with_a_clear_error() {
+    let mut d = Daemons::start_with(&["--max-clients", "8"]);
+    d.add_datapath("dp0");
+    let sock = d.run_dir.join("control.sock");
+    // Fill every slot with connections that never say a word.
+    let mut held: Vec<UnixStream> = Vec::new();
+    wait_until(
+        "all slots taken",
+        Duration::from_secs(20),
+        || match TransportClient::connect(&d.run_dir) {
+            Ok(c) => {
+                drop(c);
+                held.push(UnixStream::connect(&sock).unwrap());
+                false
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("NoCapacity"), "{e}");
+                assert!(e.to_string().contains("at most 8 connections"), "{e}");
+                true
+            }
+        },
+    );
+    assert!(held.len() <= 8);
+    // A slot frees when its connection goes away.
+    held.pop();
+    wait_until("a free slot", Duration::from_secs(20), || {
+        TransportClient::connect(&d.run_dir).is_ok()
+    });
+    assert!(d.control_alive());
+}
