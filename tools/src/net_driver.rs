@@ -693,10 +693,11 @@ impl<T: DeviceTransport> NetDriver<T> {
         let slot = self.tx_base + buf as u64 * self.tx_buf;
         let hdr = GuestAddr(slot + TX_TABLE);
         let data = GuestAddr(slot + TX_TABLE + net::HDR_LEN as u64);
-        let mem = Arc::clone(&self.mem);
-        mem.write(hdr, &[0u8; net::HDR_LEN])
+        // No Arc clone per frame (an atomic pair for nothing): borrow the memory.
+        self.mem
+            .write(hdr, &[0u8; net::HDR_LEN])
             .map_err(RingError::from)?;
-        mem.write(data, frame).map_err(RingError::from)?;
+        self.mem.write(data, frame).map_err(RingError::from)?;
         let mut layout = match self.cfg.tx_layout {
             TxLayout::Mixed => [
                 TxLayout::Contiguous,
