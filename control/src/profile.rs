@@ -146,8 +146,7 @@ pub fn vduse_form(mut p: DeviceProfile) -> Result<DeviceProfile, WireError> {
                 "a VDUSE net device has no control queue, hence one queue pair only".into(),
             ));
         }
-        // Packed rings are not wired through the VDUSE door yet.
-        p.offered &= !(f::NET_F_CTRL_VQ | f::NET_F_MQ | f::RING_PACKED);
+        p.offered &= !(f::NET_F_CTRL_VQ | f::NET_F_MQ);
         p.num_queues = 2;
         p.required_queues.retain(|&q| q < 2);
     }

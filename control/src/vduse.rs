@@ -378,9 +378,10 @@ impl Session {
             req::GET_VQ_STATE => {
                 let q = m.body[0];
                 match self.vq_state(&mut d, q) {
-                    Ok(avail) => {
+                    Ok([w1, w2]) => {
                         r.body[0] = q;
-                        r.body[1] = avail as u32;
+                        r.body[1] = w1;
+                        r.body[2] = w2;
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -532,18 +533,27 @@ impl Session {
                 },
                 Vec::new(),
             )?;
-            let at = info.state[0];
-            Self::drive(
-                d,
-                Request::SetQueueState {
-                    queue,
-                    state: VqState::Split {
-                        avail_index: at,
-                        used_index: at,
+            let packed = d.model.state_parts().0 & vmdev_proto::virtio::features::RING_PACKED != 0;
+            let state = if packed {
+                // vduse_vq_state_packed: avail wrap, avail index, used wrap, used index;
+                // all zero for a queue the kernel never set: a fresh ring (wraps start at 1).
+                match info.state {
+                    [0, 0, 0, 0] => VqState::fresh(true),
+                    [aw, ai, uw, ui] => VqState::Packed {
+                        avail_index: ai,
+                        avail_wrap: aw != 0,
+                        used_index: ui,
+                        used_wrap: uw != 0,
                     },
-                },
-                Vec::new(),
-            )?;
+                }
+            } else {
+                let at = info.state[0];
+                VqState::Split {
+                    avail_index: at,
+                    used_index: at,
+                }
+            };
+            Self::drive(d, Request::SetQueueState { queue, state }, Vec::new())?;
             self.fd
                 .set_kickfd(q as u32, Some(kick.as_fd()))
                 .map_err(ioerr)?;
@@ -563,7 +573,9 @@ impl Session {
     }
 
     /// A queue's next avail index; a running device is paused between passes to read it.
-    fn vq_state(&mut self, d: &mut Device, q: u32) -> Result<u16, WireError> {
+    /// The `vduse_vq_state` union as two words: split → the avail index; packed → avail
+    /// wrap | avail index << 16, used wrap | used index << 16.
+    fn vq_state(&mut self, d: &mut Device, q: u32) -> Result<[u32; 2], WireError> {
         let queue = u16::try_from(q).map_err(|_| err(ErrorCode::BadQueue, "queue index"))?;
         let running = d.model.is_attached();
         if running {
@@ -574,7 +586,16 @@ impl Session {
             Self::drive(d, Request::Resume, Vec::new())?;
         }
         match st? {
-            Reply::QueueState(VqState::Split { avail_index, .. }) => Ok(avail_index),
+            Reply::QueueState(VqState::Split { avail_index, .. }) => Ok([avail_index as u32, 0]),
+            Reply::QueueState(VqState::Packed {
+                avail_index,
+                avail_wrap,
+                used_index,
+                used_wrap,
+            }) => Ok([
+                u32::from(avail_wrap) | (avail_index as u32) << 16,
+                u32::from(used_wrap) | (used_index as u32) << 16,
+            ]),
             other => Err(err(ErrorCode::Internal, format!("queue state: {other:?}"))),
         }
     }

@@ -86,6 +86,12 @@ fn linux_virtio_net_drives_vmdev_through_vduse() {
     assert_eq!(rx, tx, "every frame sent came back: {line}");
     assert!(line.contains("reload stop-under-traffic removed"), "{line}");
     assert!(text.contains("vmdev0 is bound to virtio_vdpa"), "{text}");
+    // The kernel's virtio_ring takes packed rings when offered: vmdev's packed device side
+    // against Linux's own packed driver.
+    assert!(
+        text.contains("packed=1"),
+        "the kernel did not negotiate packed rings:\n{text}"
+    );
 }
 
 #[test]
