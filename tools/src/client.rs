@@ -43,7 +43,14 @@ impl TransportClient {
 
     /// Exchanges hellos over an already connected channel.
     pub fn handshake(mut ch: Channel) -> Result<Self, ProtoError> {
-        match ch.call::<_, Reply>(&Request::Hello(Hello::ours()), &[])? {
+        let sent = ch.send(&Request::Hello(Hello::ours()), &[]);
+        // A server that refuses us (full, uid not allowed) may answer and close before our
+        // hello arrives: its answer still waits in our socket, so read it either way.
+        let reply = match ch.recv::<Reply>() {
+            Ok((r, _)) => r,
+            Err(e) => return Err(sent.err().unwrap_or(e)),
+        };
+        match reply {
             Reply::Hello(hello) => Ok(TransportClient { ch, hello }),
             Reply::Error(e) => Err(ProtoError::Handshake(e.to_string())),
             other => Err(ProtoError::UnexpectedReply(format!("{other:?}"))),
