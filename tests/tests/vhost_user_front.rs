@@ -5,69 +5,10 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use vmdev_tests::{external_tool, frame_seq, make_frame, wait_until, Daemons};
+use vmdev_tests::{external_tool, run_traffic, wait_until, Daemons};
 use vmdev_tools::net_driver::{DriverError, DEFAULT_MAC};
 use vmdev_tools::vhost_user_front::VhostUserProtocolFeatures as PF;
 use vmdev_tools::{NetDriverConfig, NotifyMode, TxLayout, VhostUserFrontError, VhostUserNetDriver};
-
-/// Sends `n` sequence-numbered frames of pseudo-random sizes 60..=1514 with at most the
-/// driver's window in flight; checks each comes back byte-identical and in order. Returns
-/// the bytes sent.
-fn run_traffic(drv: &mut VhostUserNetDriver, n: u64, seed: u64) -> u64 {
-    let mac = drv.mac();
-    let window = drv.max_in_flight() as u64;
-    let mut rng = seed | 1;
-    let mut next_size = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        60 + (rng % (1514 - 60 + 1)) as usize
-    };
-    let mut sizes = std::collections::VecDeque::new();
-    let (mut sent, mut got, mut bytes) = (0u64, 0u64, 0u64);
-    let mut buf = Vec::new();
-    let mut last_progress = Instant::now();
-    while got < n {
-        let mut progressed = false;
-        while sent < n && sent - got < window {
-            let len = next_size();
-            if !drv
-                .queue_frame(&make_frame(mac, sent, len))
-                .expect("queue frame")
-            {
-                break;
-            }
-            sizes.push_back(len);
-            sent += 1;
-            progressed = true;
-        }
-        drv.flush().expect("flush");
-        while drv.recv_into(&mut buf).expect("recv") {
-            let len = sizes
-                .pop_front()
-                .expect("a frame came back that was never sent");
-            assert_eq!(frame_seq(&buf), Some(got), "frame out of order");
-            assert!(
-                buf == make_frame(mac, got, len),
-                "frame {got} corrupted ({} bytes, sent {len})",
-                buf.len()
-            );
-            bytes += len as u64;
-            got += 1;
-            progressed = true;
-        }
-        if progressed {
-            last_progress = Instant::now();
-        } else {
-            drv.wait_rx(Duration::from_millis(100)).expect("wait");
-            assert!(
-                last_progress.elapsed() < Duration::from_secs(20),
-                "no progress for 20 s at frame {got} of {n} ({sent} sent)"
-            );
-        }
-    }
-    bytes
-}
 
 fn stats(d: &Daemons, uuid: &str) -> serde_json::Value {
     let out = d.vmdevctl(&["--json", "stats", "-u", uuid]);
@@ -131,7 +72,7 @@ fn ten_thousand_frames_through_vmdevs_own_vhost_user_door() {
     );
     assert_eq!(drv.status().unwrap() & 0x4, 0x4, "DRIVER_OK");
 
-    let bytes = run_traffic(&mut drv, 10_000, 42);
+    let bytes = run_traffic(&mut drv, 0, 10_000, 42, None);
     drop(drv);
     wait_released(&d, uuid);
     let v = stats(&d, &uuid.to_string());
@@ -154,7 +95,7 @@ fn interrupt_mode_through_the_door() {
         ..Default::default()
     };
     let mut drv = VhostUserNetDriver::open_vhost_user(&sock, cfg).expect("vhost-user driver");
-    run_traffic(&mut drv, 5_000, 7);
+    run_traffic(&mut drv, 0, 5_000, 7, None);
     let v = stats(&d, &uuid.to_string());
     assert_eq!(v["queues"][0]["packets"].as_u64(), Some(5_000));
     assert!(
@@ -176,7 +117,7 @@ fn interrupt_mode_without_event_idx_or_indirect_through_the_door() {
         ..Default::default()
     };
     let mut drv = VhostUserNetDriver::open_vhost_user(&sock, cfg).expect("vhost-user driver");
-    run_traffic(&mut drv, 2_000, 8);
+    run_traffic(&mut drv, 0, 2_000, 8, None);
 }
 
 #[test]
@@ -186,7 +127,7 @@ fn a_second_front_end_gets_a_clean_device_after_the_first_leaves() {
     let (uuid, sock) = door(&mut d, &[]);
     let mut first =
         VhostUserNetDriver::open_vhost_user(&sock, NetDriverConfig::default()).expect("first");
-    run_traffic(&mut first, 1_000, 1);
+    run_traffic(&mut first, 0, 1_000, 1, None);
     drop(first);
     wait_released(&d, uuid);
     // A different queue size and features: nothing of the first session must linger.
@@ -197,7 +138,7 @@ fn a_second_front_end_gets_a_clean_device_after_the_first_leaves() {
     };
     let mut second = VhostUserNetDriver::open_vhost_user(&sock, cfg).expect("second");
     assert_eq!(second.ring_addrs(0).map(|r| r.size), Some(64));
-    run_traffic(&mut second, 3_000, 2);
+    run_traffic(&mut second, 0, 3_000, 2, None);
     drop(second);
     wait_released(&d, uuid);
     let v = stats(&d, &uuid.to_string());
@@ -339,7 +280,7 @@ fn dpdk_vhost_pmd_sends_every_frame_back() {
             "no MAC negotiated without a readable config space"
         );
     }
-    run_traffic(&mut drv, 1_000, 5);
+    run_traffic(&mut drv, 0, 1_000, 5, None);
     drop(drv);
     drop(pmd);
     let _ = std::fs::remove_dir_all(&dir);
