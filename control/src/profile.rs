@@ -129,7 +129,8 @@ fn net_loopback(attrs: &[(String, String)], seed: u128) -> Result<DeviceProfile,
             | f::NET_F_MQ
             | f::RING_EVENT_IDX
             | f::RING_INDIRECT_DESC
-            | f::RING_PACKED,
+            | f::RING_PACKED
+            | f::IN_ORDER,
         config,
         num_queues: 2 * pairs + 1,
         max_queue_size: qsize,

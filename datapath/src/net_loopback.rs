@@ -21,15 +21,17 @@ const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
 const CTRL_OK: u8 = 0;
 const CTRL_ERR: u8 = 1;
 
-/// Loopback state: where the queues are, and reusable chain buffers.
+/// Loopback state: where the queues are, and reusable chain buffers (a batch of TX chains,
+/// the RX chains reserved for them, and how many each frame got).
 pub struct NetLoopback {
     pairs: Vec<(usize, usize)>,
     ctrl: Option<usize>,
     max_pairs: u16,
     mrg: bool,
-    txc: Chain,
+    txc: Vec<Chain>,
     rxc: Vec<Chain>,
-    rx_lens: Vec<u32>,
+    plan: Vec<usize>,
+    ctrlc: Chain,
 }
 
 fn pair(q: &mut [QueueCtx], a: usize, b: usize) -> (&mut QueueCtx, &mut QueueCtx) {
@@ -68,9 +70,10 @@ impl NetLoopback {
             ctrl: ctrl_index.and_then(pos),
             max_pairs: num_queues / 2,
             mrg: features & f::NET_F_MRG_RXBUF != 0,
-            txc: Chain::new(),
+            txc: Vec::new(),
             rxc: Vec::new(),
-            rx_lens: Vec::new(),
+            plan: Vec::new(),
+            ctrlc: Chain::new(),
         })
     }
 
@@ -89,46 +92,75 @@ impl NetLoopback {
     }
 
     /// Forwards up to [`BATCH`] frames from `tx` to `rx`, publishes both used rings once,
-    /// and interrupts the driver where it asked to be.
+    /// and interrupts the driver where it asked to be. Three passes, so that the batch's
+    /// cross-core cache misses overlap instead of stalling one frame after another: take
+    /// the TX chains (their descriptors and buffers prefetched), reserve RX chains for
+    /// each frame (prefetched for writing), then copy.
     fn forward(
         &mut self,
         rx: &mut QueueCtx,
         tx: &mut QueueCtx,
         uring: &mut Uring,
     ) -> Result<usize, RingError> {
+        tx.ring.prefetch(BATCH as u16)?;
         let mut n = 0;
         while n < BATCH {
-            if !tx.ring.pop(&mut self.txc)? {
+            if n == self.txc.len() {
+                self.txc.push(Chain::new());
+            }
+            let c = &mut self.txc[n];
+            if !tx.ring.pop(c)? {
                 break;
             }
+            c.prefetch();
+            tx.ring.add_used(c.head(), 0)?;
             n += 1;
-            tx.ring.add_used(self.txc.head(), 0)?;
-            tx.unsignalled = true;
-            let total = self.txc.readable_len();
-            if (total as usize) < HDR_LEN {
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        tx.unsignalled = true;
+        rx.ring.prefetch(n as u16)?;
+        self.plan.clear();
+        let mut reserved = 0;
+        for i in 0..n {
+            let total = self.txc[i].readable_len();
+            let k = if (total as usize) < HDR_LEN {
+                0
+            } else {
+                self.reserve(rx, total, reserved)?
+            };
+            self.plan.push(k);
+            reserved += k;
+        }
+        let mut r = 0;
+        for (c, &k) in self.txc[..n].iter().zip(&self.plan) {
+            let total = c.readable_len() as usize;
+            if total < HDR_LEN {
                 tx.stats.drops += 1;
                 continue;
             }
-            let frame = (total as usize - HDR_LEN) as u64;
+            let frame = (total - HDR_LEN) as u64;
             tx.stats.packets += 1;
             tx.stats.bytes += frame;
-            let delivered = if self.mrg {
-                self.deliver_merged(rx)?
-            } else {
-                self.deliver_one(rx)?
-            };
-            if delivered {
-                rx.unsignalled = true;
-                rx.stats.packets += 1;
-                rx.stats.bytes += frame;
-            } else {
+            if k == 0 {
                 rx.stats.drops += 1;
+                continue;
             }
+            let mut off = 0;
+            for d in &self.rxc[r..r + k] {
+                let len = c.copy_part_to(off, d);
+                off += len;
+                rx.ring.add_used(d.head(), len)?;
+            }
+            self.rxc[r].write_at(HDR_NUM_BUFFERS, &(k as u16).to_le_bytes());
+            r += k;
+            rx.unsignalled = true;
+            rx.stats.packets += 1;
+            rx.stats.bytes += frame;
         }
-        if n > 0 {
-            tx.stats.polls += 1;
-            rx.stats.polls += 1;
-        }
+        tx.stats.polls += 1;
+        rx.stats.polls += 1;
         // TX completions become visible before the frames they produced: a datapath that
         // dies in between loses those frames (the recovery counts them) but never makes a
         // successor deliver one twice.
@@ -137,81 +169,47 @@ impl NetLoopback {
         Ok(n)
     }
 
-    /// Copies the TX chain into one RX chain (no MRG_RXBUF): all or nothing.
-    fn deliver_one(&mut self, rx: &mut QueueCtx) -> Result<bool, RingError> {
-        if self.rxc.is_empty() {
-            self.rxc.push(Chain::new());
-        }
-        let rxc = &mut self.rxc[0];
-        if !rx.ring.pop(rxc)? {
-            return Ok(false);
-        }
-        if rxc.writable_len() == 0 || rxc.readable_len() != 0 {
-            return Err(RingError::WrongDirection(
-                "a receive buffer must be device-writable only",
-            ));
-        }
-        match self.txc.copy_to(rxc) {
-            Some(len) => {
-                rxc.write_at(HDR_NUM_BUFFERS, &1u16.to_le_bytes());
-                rx.ring.add_used(rxc.head(), len)?;
-                Ok(true)
-            }
-            None => {
-                rx.ring.unpop();
-                Ok(false)
-            }
-        }
-    }
-
-    /// Spreads the TX chain over as many RX chains as it needs (MRG_RXBUF), recording the
-    /// count in the first one's header; puts them all back if the ring runs out.
-    fn deliver_merged(&mut self, rx: &mut QueueCtx) -> Result<bool, RingError> {
-        let total = self.txc.readable_len();
-        let mut off = 0u32;
-        let mut k = 0usize;
-        self.rx_lens.clear();
-        while off < total {
-            if k == self.rxc.len() {
+    /// Takes RX chains for a frame of `total` bytes (header included) into
+    /// `self.rxc[start..]`: one chain with room for all of it, or with MRG_RXBUF as many as
+    /// it spans. Returns how many, or 0 (nothing taken, the frame is dropped) when the
+    /// ring runs out or the one chain is too small.
+    fn reserve(&mut self, rx: &mut QueueCtx, total: u32, start: usize) -> Result<usize, RingError> {
+        let most = if self.mrg { u16::MAX as usize } else { 1 };
+        let mut room = 0u32;
+        let mut k = 0;
+        while room < total && k < most {
+            if start + k == self.rxc.len() {
                 self.rxc.push(Chain::new());
             }
-            if !rx.ring.pop(&mut self.rxc[k])? {
+            let c = &mut self.rxc[start + k];
+            if !rx.ring.pop(c)? {
                 break;
             }
-            let c = &self.rxc[k];
             if c.writable_len() == 0 || c.readable_len() != 0 {
                 return Err(RingError::WrongDirection(
                     "a receive buffer must be device-writable only",
                 ));
             }
-            let n = self.txc.copy_part_to(off, &self.rxc[k]);
+            c.prefetch();
+            room = room.saturating_add(c.writable_len());
             k += 1;
-            self.rx_lens.push(n);
-            off += n;
-            if n == 0 {
-                break; // a buffer with no room: give up on this frame
-            }
         }
-        if off < total || k > u16::MAX as usize {
+        if room < total {
             for _ in 0..k {
                 rx.ring.unpop();
             }
-            return Ok(false);
+            return Ok(0);
         }
-        self.rxc[0].write_at(HDR_NUM_BUFFERS, &(k as u16).to_le_bytes());
-        for (c, &len) in self.rxc.iter().zip(&self.rx_lens) {
-            rx.ring.add_used(c.head(), len)?;
-        }
-        Ok(true)
+        Ok(k)
     }
 
     /// Answers control commands: class, command, data (readable), then one ack byte.
     fn control(&mut self, ctrl: &mut QueueCtx, uring: &mut Uring) -> Result<usize, RingError> {
         let mut n = 0;
-        while n < BATCH && ctrl.ring.pop(&mut self.txc)? {
+        while n < BATCH && ctrl.ring.pop(&mut self.ctrlc)? {
             n += 1;
             let mut cmd = [0u8; 4];
-            let got = self.txc.read_at(0, &mut cmd);
+            let got = self.ctrlc.read_at(0, &mut cmd);
             let ack = match (got, cmd[0], cmd[1]) {
                 (4, CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET) => {
                     let pairs = u16::from_le_bytes([cmd[2], cmd[3]]);
@@ -224,8 +222,8 @@ impl NetLoopback {
                 (g, CTRL_RX | CTRL_MAC, _) if g >= 2 => CTRL_OK,
                 _ => CTRL_ERR,
             };
-            let wrote = self.txc.write_at(0, &[ack]) as u32;
-            ctrl.ring.add_used(self.txc.head(), wrote)?;
+            let wrote = self.ctrlc.write_at(0, &[ack]) as u32;
+            ctrl.ring.add_used(self.ctrlc.head(), wrote)?;
             ctrl.unsignalled = true;
             ctrl.stats.packets += 1;
             if ack != CTRL_OK {

@@ -42,6 +42,16 @@ impl Ring {
         }
     }
 
+    /// Before a batch of up to `max` pops: prefetches what the batch will touch in the
+    /// ring (split rings; packed rings learn availability descriptor by descriptor).
+    #[inline]
+    pub fn prefetch(&mut self, max: u16) -> Result<(), RingError> {
+        match self {
+            Ring::Split(r) => r.prefetch(max).map(drop),
+            Ring::Packed(_) => Ok(()),
+        }
+    }
+
     /// Gives the last popped chain back.
     #[inline]
     pub fn unpop(&mut self) {

@@ -43,6 +43,8 @@ pub mod features {
     pub const ACCESS_PLATFORM: u64 = 1 << 33;
     /// Packed virtqueue layout.
     pub const RING_PACKED: u64 = 1 << 34;
+    /// The device uses buffers in the order the driver made them available.
+    pub const IN_ORDER: u64 = 1 << 35;
 }
 
 /// Virtio device ids.

@@ -117,6 +117,31 @@ impl Chain {
         self.segs.len()
     }
 
+    /// Asks the cache for the first bytes of the chain's first readable and first writable
+    /// buffers (the 12-byte virtio-net header and a short frame), so that a batch's misses
+    /// overlap instead of stalling one copy after another.
+    #[inline]
+    pub fn prefetch(&self) {
+        if let Some(s) = self.segs.first() {
+            if self.readable > 0 {
+                crate::prefetch::read(s.ptr.as_ptr());
+                crate::prefetch::read(
+                    s.ptr
+                        .as_ptr()
+                        .wrapping_add((s.len.min(128) as usize).saturating_sub(1)),
+                );
+            }
+        }
+        if let Some(s) = self.segs.get(self.readable) {
+            crate::prefetch::write(s.ptr.as_ptr());
+            crate::prefetch::write(
+                s.ptr
+                    .as_ptr()
+                    .wrapping_add((s.len.min(128) as usize).saturating_sub(1)),
+            );
+        }
+    }
+
     /// Copies readable bytes starting at `offset` into `buf`; returns the count copied.
     pub fn read_at(&self, mut offset: usize, buf: &mut [u8]) -> usize {
         let mut done = 0;

@@ -89,6 +89,15 @@ pub enum RingError {
     /// part, or one it must only read has some.
     #[error("wrong buffer direction: {0}")]
     WrongDirection(&'static str),
+    /// Under VIRTIO_F_IN_ORDER the device returned a chain before one made available
+    /// earlier (`expected`: the oldest in flight, if any).
+    #[error("the device broke IN_ORDER: returned {got}, expected {expected:?}")]
+    OutOfOrder {
+        /// The oldest chain in flight.
+        expected: Option<u16>,
+        /// What the device returned.
+        got: u16,
+    },
     /// A chain's total length overflowed 32 bits.
     #[error("chain length exceeds 4 GiB")]
     ChainLength,

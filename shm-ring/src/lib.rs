@@ -9,6 +9,7 @@
 //!   ([`PackedDeviceQueue`]) and driver side ([`PackedDriverQueue`]), with indirect
 //!   descriptors and event suppression.
 //! * [`chain`]: a validated descriptor chain, resolved to host memory once.
+//! * [`prefetch`]: cache hints a batching datapath issues before touching a batch.
 //!
 //! Everything read from guest memory is read as bytes and checked before use; nothing in
 //! this crate panics on guest-controlled data.
@@ -24,6 +25,7 @@ pub mod dirty;
 pub mod error;
 pub mod memory;
 pub mod packed;
+pub mod prefetch;
 pub mod split;
 
 pub use addr::GuestAddr;

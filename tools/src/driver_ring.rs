@@ -8,6 +8,7 @@
 //! (or `add_indirect`) returned for a chain still in flight, and is below
 //! [`DriverRing::size`], so a caller maps it to its buffer with a table of `size` entries.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use vmdev_shm_ring::split::{RingFeatures, Segment};
 use vmdev_shm_ring::{
@@ -15,10 +16,15 @@ use vmdev_shm_ring::{
 };
 
 /// The driver side of a split or a packed ring.
-pub enum DriverRing {
-    /// Split ring (descriptor table, avail ring, used ring).
+pub struct DriverRing {
+    form: Form,
+    /// With VIRTIO_F_IN_ORDER: the tokens in flight, oldest first, which the device must
+    /// return in that order.
+    in_order: Option<VecDeque<u16>>,
+}
+
+enum Form {
     Split(DriverQueue),
-    /// Packed ring (descriptor ring, driver and device event suppression structures).
     Packed(PackedDriverQueue),
 }
 
@@ -46,48 +52,58 @@ impl DriverRing {
         packed: bool,
     ) -> Result<DriverRing, RingError> {
         let (a, b, c) = (GuestAddr(addrs.0), GuestAddr(addrs.1), GuestAddr(addrs.2));
-        Ok(if packed {
-            DriverRing::Packed(PackedDriverQueue::new(mem, size, a, b, c, features)?)
+        let form = if packed {
+            Form::Packed(PackedDriverQueue::new(mem, size, a, b, c, features)?)
         } else {
-            DriverRing::Split(DriverQueue::new(mem, size, a, b, c, features)?)
+            Form::Split(DriverQueue::new(mem, size, a, b, c, features)?)
+        };
+        Ok(DriverRing {
+            form,
+            in_order: None,
         })
+    }
+
+    /// Holds the device to VIRTIO_F_IN_ORDER (negotiated): from now on [`DriverRing::pop_used`]
+    /// refuses a chain returned before one made available earlier. Call before adding chains.
+    pub fn expect_in_order(&mut self) {
+        self.in_order = Some(VecDeque::with_capacity(self.size() as usize));
     }
 
     /// Whether this is a packed ring.
     pub fn is_packed(&self) -> bool {
-        matches!(self, DriverRing::Packed(_))
+        matches!(self.form, Form::Packed(_))
     }
 
     /// Queue size.
     pub fn size(&self) -> u16 {
-        match self {
-            DriverRing::Split(r) => r.size(),
-            DriverRing::Packed(r) => r.size(),
+        match &self.form {
+            Form::Split(r) => r.size(),
+            Form::Packed(r) => r.size(),
         }
     }
 
     /// Moves the ring to another mapping of the same guest addresses, keeping every
     /// position and chain in flight.
     pub fn remap(&mut self, mem: Arc<GuestMemory>) -> Result<(), RingError> {
-        match self {
-            DriverRing::Split(r) => r.remap(mem),
-            DriverRing::Packed(r) => r.remap(mem),
+        match &mut self.form {
+            Form::Split(r) => r.remap(mem),
+            Form::Packed(r) => r.remap(mem),
         }
     }
 
     /// Free descriptors.
     pub fn free_descriptors(&self) -> usize {
-        match self {
-            DriverRing::Split(r) => r.free_descriptors(),
-            DriverRing::Packed(r) => r.free_descriptors(),
+        match &self.form {
+            Form::Split(r) => r.free_descriptors(),
+            Form::Packed(r) => r.free_descriptors(),
         }
     }
 
     /// Chains added and not yet returned by the device.
     pub fn in_flight(&self) -> usize {
-        match self {
-            DriverRing::Split(r) => r.in_flight(),
-            DriverRing::Packed(r) => r.in_flight(),
+        match &self.form {
+            Form::Split(r) => r.in_flight(),
+            Form::Packed(r) => r.in_flight(),
         }
     }
 
@@ -96,10 +112,18 @@ impl DriverRing {
     /// device until [`DriverRing::publish`].
     #[inline]
     pub fn add(&mut self, segs: &[Segment]) -> Option<u16> {
-        match self {
-            DriverRing::Split(r) => r.add(segs),
-            DriverRing::Packed(r) => r.add(segs),
+        let token = match &mut self.form {
+            Form::Split(r) => r.add(segs),
+            Form::Packed(r) => r.add(segs),
+        };
+        self.added(token)
+    }
+
+    fn added(&mut self, token: Option<u16>) -> Option<u16> {
+        if let (Some(t), Some(q)) = (token, &mut self.in_order) {
+            q.push_back(t);
         }
+        token
     }
 
     /// Adds a chain through an indirect table the caller placed at `table` (room for
@@ -111,62 +135,74 @@ impl DriverRing {
         table: GuestAddr,
         segs: &[Segment],
     ) -> Result<Option<u16>, RingError> {
-        match self {
-            DriverRing::Split(r) => r.add_indirect(table, segs),
-            DriverRing::Packed(r) => r.add_indirect(table, segs),
-        }
+        let token = match &mut self.form {
+            Form::Split(r) => r.add_indirect(table, segs),
+            Form::Packed(r) => r.add_indirect(table, segs),
+        }?;
+        Ok(self.added(token))
     }
 
     /// Makes every chain added so far visible to the device (one release store).
     #[inline]
     pub fn publish(&mut self) {
-        match self {
-            DriverRing::Split(r) => r.publish(),
-            DriverRing::Packed(r) => r.publish(),
+        match &mut self.form {
+            Form::Split(r) => r.publish(),
+            Form::Packed(r) => r.publish(),
         }
     }
 
     /// After publishing: whether the device asked to be kicked.
     #[inline]
     pub fn needs_kick(&mut self) -> bool {
-        match self {
-            DriverRing::Split(r) => r.needs_kick(),
-            DriverRing::Packed(r) => r.needs_kick(),
+        match &mut self.form {
+            Form::Split(r) => r.needs_kick(),
+            Form::Packed(r) => r.needs_kick(),
         }
     }
 
     /// Takes the next used chain: the token [`DriverRing::add`] returned for it and the
-    /// length the device wrote. A token the driver never handed out is an error.
+    /// length the device wrote. A token the driver never handed out is an error, and so is,
+    /// under [`DriverRing::expect_in_order`], one returned out of order.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, RingError> {
-        match self {
-            DriverRing::Split(r) => r.pop_used(),
-            DriverRing::Packed(r) => r.pop_used(),
+        let used = match &mut self.form {
+            Form::Split(r) => r.pop_used(),
+            Form::Packed(r) => r.pop_used(),
+        }?;
+        if let (Some((token, _)), Some(q)) = (used, &mut self.in_order) {
+            let oldest = q.pop_front();
+            if oldest != Some(token) {
+                return Err(RingError::OutOfOrder {
+                    expected: oldest,
+                    got: token,
+                });
+            }
         }
+        Ok(used)
     }
 
     /// Asks the device to notify on the next used buffer, then re-checks: `true` when used
     /// buffers are already waiting (do not sleep).
     pub fn enable_interrupts(&mut self) -> bool {
-        match self {
-            DriverRing::Split(r) => r.enable_interrupts(),
-            DriverRing::Packed(r) => r.enable_interrupts(),
+        match &mut self.form {
+            Form::Split(r) => r.enable_interrupts(),
+            Form::Packed(r) => r.enable_interrupts(),
         }
     }
 
     /// Asks the device not to notify (while the driver polls).
     pub fn disable_interrupts(&mut self) {
-        match self {
-            DriverRing::Split(r) => r.disable_interrupts(),
-            DriverRing::Packed(r) => r.disable_interrupts(),
+        match &mut self.form {
+            Form::Split(r) => r.disable_interrupts(),
+            Form::Packed(r) => r.disable_interrupts(),
         }
     }
 
     /// The memory this ring lives in.
     pub fn memory(&self) -> &Arc<GuestMemory> {
-        match self {
-            DriverRing::Split(r) => r.memory(),
-            DriverRing::Packed(r) => r.memory(),
+        match &self.form {
+            Form::Split(r) => r.memory(),
+            Form::Packed(r) => r.memory(),
         }
     }
 }

@@ -121,6 +121,9 @@ pub struct NetDriverConfig {
     /// queue size, not only powers of two). Over the vmdev protocol and vhost-user; refused
     /// over vhost-vdpa ([`NetDriver::open_vhost_vdpa`]).
     pub packed: bool,
+    /// Negotiate VIRTIO_F_IN_ORDER if offered, and then refuse a device that returns a
+    /// buffer before one made available earlier (a [`RingError::OutOfOrder`]).
+    pub in_order: bool,
 }
 
 impl Default for NetDriverConfig {
@@ -135,6 +138,7 @@ impl Default for NetDriverConfig {
             rx_buffer_size: 0,
             mac: None,
             packed: false,
+            in_order: false,
         }
     }
 }
@@ -447,6 +451,9 @@ impl<T: DeviceTransport> NetDriver<T> {
         if cfg.packed {
             want |= f::RING_PACKED;
         }
+        if cfg.in_order {
+            want |= f::IN_ORDER;
+        }
         let features = want & offered;
         if features & f::VERSION_1 == 0 {
             return Err(DriverError::Device(
@@ -565,8 +572,11 @@ impl<T: DeviceTransport> NetDriver<T> {
                 packed,
             )
         };
-        let rx = mk(rings[0])?;
-        let tx = mk(rings[1])?;
+        let (mut rx, mut tx) = (mk(rings[0])?, mk(rings[1])?);
+        if features & f::IN_ORDER != 0 {
+            rx.expect_in_order();
+            tx.expect_in_order();
+        }
         ready_queues(&mut c, config_fd.as_fd())?;
 
         let mut drv = NetDriver {
@@ -659,10 +669,13 @@ impl<T: DeviceTransport> NetDriver<T> {
     }
 
     /// Frames that may be in flight (sent, not yet received) without the loopback ever
-    /// finding its RX ring empty.
+    /// finding its RX ring empty, counting a largest frame spread over several RX buffers
+    /// when they are smaller than it (MRG_RXBUF).
     pub fn max_in_flight(&self) -> usize {
-        (self.rings[0].size as usize)
-            .saturating_sub(self.rx_publish_batch)
+        let per_frame =
+            (net::HDR_LEN as u64 + self.max_frame() as u64).div_ceil(self.rx_buf.max(1));
+        ((self.rings[0].size as usize).saturating_sub(self.rx_publish_batch)
+            / per_frame.max(1) as usize)
             .max(1)
     }
 
