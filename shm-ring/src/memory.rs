@@ -261,8 +261,8 @@ impl GuestMemory {
     /// Translates `[addr, addr+len)` to a host pointer; the whole range must lie in one
     /// region. A zero-length range must still start inside a region.
     pub fn translate(&self, addr: GuestAddr, len: u64) -> Result<NonNull<u8>, MemError> {
-        let oor = MemError::OutOfRange { addr, len };
-        let end = addr.0.checked_add(len).ok_or(oor.clone())?;
+        let oor = || MemError::OutOfRange { addr, len };
+        let end = addr.0.checked_add(len).ok_or_else(oor)?;
         for r in &self.regions {
             if addr.0 >= r.guest_addr
                 && end <= r.guest_addr + r.size
@@ -273,7 +273,25 @@ impl GuestMemory {
                 return Ok(unsafe { NonNull::new_unchecked(r.host.as_ptr().add(off)) });
             }
         }
-        Err(oor)
+        Err(oor())
+    }
+
+    /// Hints the cache that the first bytes (up to 128) of `[addr, addr+len)` will be read,
+    /// or written when `write`: a driver issues it a few buffers ahead so that its copies
+    /// do not stall on lines the device's core holds. An address outside memory is ignored.
+    pub fn prefetch(&self, addr: GuestAddr, len: u64, write: bool) {
+        let Ok(p) = self.translate(addr, len) else {
+            return;
+        };
+        let p = p.as_ptr();
+        let last = p.wrapping_add((len.min(128) as usize).saturating_sub(1));
+        if write {
+            crate::prefetch::write(p);
+            crate::prefetch::write(last);
+        } else {
+            crate::prefetch::read(p);
+            crate::prefetch::read(last);
+        }
     }
 
     /// Like [`GuestMemory::translate`] but also requires `addr` to be `align`-aligned.

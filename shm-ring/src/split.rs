@@ -679,6 +679,18 @@ impl DriverQueue {
         Ok(Some((id as u16, len)))
     }
 
+    /// The id of the used entry `ahead` places after the next one, if the device already
+    /// published it (as last seen): a hint for prefetching, not validated like `pop_used`.
+    pub fn peek_used(&self, ahead: u16) -> Option<u16> {
+        if self.used_cache.wrapping_sub(self.last_used) <= ahead {
+            return None;
+        }
+        let (id, _) = self
+            .rings
+            .read_used_elem(self.last_used.wrapping_add(ahead));
+        u16::try_from(id).ok().filter(|&id| id < self.rings.size)
+    }
+
     /// Asks the device to interrupt on the next used buffer, then re-checks: `true` when
     /// used buffers are already waiting (do not sleep).
     pub fn enable_interrupts(&mut self) -> bool {

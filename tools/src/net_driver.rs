@@ -32,6 +32,10 @@ pub const DEFAULT_MAC: [u8; 6] = [0x02, b'v', b'm', b'd', b'e', b'v'];
 /// Room before each TX buffer for its two-entry indirect table.
 const TX_TABLE: u64 = 64;
 
+/// How many buffers ahead the driver prefetches the TX buffer it will fill and the RX
+/// buffer it will read.
+const PREFETCH_AHEAD: usize = 4;
+
 /// Failures of the driver.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -703,6 +707,13 @@ impl<T: DeviceTransport> NetDriver<T> {
         let Some(buf) = self.tx_free.pop() else {
             return Ok(false);
         };
+        // The buffer a few frames on is probably still in the device's cache: ask for it now
+        // so these copies do not wait for it then.
+        if let Some(&next) = self.tx_free.iter().rev().nth(PREFETCH_AHEAD - 1) {
+            let at = self.tx_base + next as u64 * self.tx_buf + TX_TABLE;
+            self.mem
+                .prefetch(GuestAddr(at), self.tx_buf - TX_TABLE, true);
+        }
         let slot = self.tx_base + buf as u64 * self.tx_buf;
         let hdr = GuestAddr(slot + TX_TABLE);
         let data = GuestAddr(slot + TX_TABLE + net::HDR_LEN as u64);
@@ -794,6 +805,11 @@ impl<T: DeviceTransport> NetDriver<T> {
             return Ok(false);
         };
         let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
+        if let Some(next) = self.rx.peek_used(PREFETCH_AHEAD as u16 - 1) {
+            let b = self.rx_buf_of_head.get(next as usize).copied().unwrap_or(0);
+            let at = self.rx_base + b as u64 * self.rx_buf;
+            self.mem.prefetch(GuestAddr(at), self.rx_buf, false);
+        }
         if (len as usize) < net::HDR_LEN || len as u64 > self.rx_buf {
             return Err(DriverError::Device(format!(
                 "RX used length {len} outside {}..={}",
