@@ -3,7 +3,10 @@
 # frame sizes. A and B: the client is testpmd with the virtio-user PMD (io forwarding,
 # `start tx_first`) on CPU 1; the backend is testpmd's vhost PMD (A) or vmdev's vhost-user
 # door + vmdev-datapath (B), on CPU 0; the client's per-second Rx-pps is the round-trip rate
-# (median of seconds 3..SECONDS). C: vmdev's own driver (vmdev-perf throughput) on CPU 1.
+# (median of seconds 3..SECONDS). C: vmdev's own driver (vmdev-perf throughput) on CPU 1,
+# copying every frame in and out; D: the same on packed rings; E: the same driver forwarding
+# like testpmd's io mode (32 frames circulate, no copy in the driver: the like-for-like
+# counterpart of A's client).
 # Prints median and spread over runs and the ratios vmdev/DPDK.
 #
 # usage: perf/compare-dpdk.sh [RUNS=3] [SECONDS=8] [SIZES="64 1518"]
@@ -83,23 +86,28 @@ echo "A: DPDK loopback   testpmd virtio-user (io, tx_first) on CPU 1 -> testpmd 
 echo "B: vmdev door      testpmd virtio-user (io, tx_first) on CPU 1 -> vmdev vhost-user door + vmdev-datapath on CPU 0"
 echo "C: vmdev own       vmdev-perf throughput (vmdev's driver, vmdev protocol) on CPU 1 -> vmdev-datapath on CPU 0"
 echo "D: vmdev packed    as C with packed virtqueues (--packed)"
+echo "E: vmdev own, io   as C, forwarding like testpmd io after tx_first: 32 frames circulate, no copy in the driver (--forward 32)"
 echo "$RUNS runs x ${SECS}s each, back to back (A B C D A B C D ...); round-trip Mframes/s: median (min-max)"
-printf '%-6s %-20s %-20s %-20s %-20s %-6s %-6s %s\n' size "A: DPDK" "B: vmdev door" "C: vmdev own" "D: vmdev packed" "B/A" "C/A" "D/A"
+printf '%-6s %-20s %-20s %-20s %-20s %-20s %-6s %-6s %-6s %s\n' size "A: DPDK" "B: vmdev door" "C: vmdev own" "D: vmdev packed" "E: vmdev own, io" "B/A" "C/A" "D/A" "E/A"
 for size in $SIZES; do
-  d=(); v=(); o=(); p=()
+  d=(); v=(); o=(); p=(); e=()
   for _ in $(seq "$RUNS"); do
     d+=("$(run_dpdk "$size")")
     v+=("$(run_vmdev "$size")")
     o+=("$(run_vmdev_own "$size")")
     p+=("$(run_vmdev_own "$size" --packed)")
+    e+=("$(run_vmdev_own "$size" "--forward 32")")
   done
   read -r dm dlo dhi <<<"$(stats "${d[@]}")"
   read -r vm vlo vhi <<<"$(stats "${v[@]}")"
   read -r om olo ohi <<<"$(stats "${o[@]}")"
   read -r pm plo phi <<<"$(stats "${p[@]}")"
+  read -r em elo ehi <<<"$(stats "${e[@]}")"
   awk -v s="$size" -v dm="$dm" -v dlo="$dlo" -v dhi="$dhi" -v vm="$vm" -v vlo="$vlo" -v vhi="$vhi" \
-      -v om="$om" -v olo="$olo" -v ohi="$ohi" -v pm="$pm" -v plo="$plo" -v phi="$phi" 'BEGIN {
-    printf "%-6s %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %-6.2f %-6.2f %.2f\n",
+      -v om="$om" -v olo="$olo" -v ohi="$ohi" -v pm="$pm" -v plo="$plo" -v phi="$phi" \
+      -v em="$em" -v elo="$elo" -v ehi="$ehi" 'BEGIN {
+    printf "%-6s %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %5.2f (%5.2f-%5.2f)  %-6.2f %-6.2f %-6.2f %.2f\n",
       s, dm/1e6, dlo/1e6, dhi/1e6, vm/1e6, vlo/1e6, vhi/1e6, om/1e6, olo/1e6, ohi/1e6,
-      pm/1e6, plo/1e6, phi/1e6, (dm > 0 ? vm/dm : 0), (dm > 0 ? om/dm : 0), (dm > 0 ? pm/dm : 0) }'
+      pm/1e6, plo/1e6, phi/1e6, em/1e6, elo/1e6, ehi/1e6,
+      (dm > 0 ? vm/dm : 0), (dm > 0 ? om/dm : 0), (dm > 0 ? pm/dm : 0), (dm > 0 ? em/dm : 0) }'
 done

@@ -88,6 +88,12 @@ pub struct ThroughputArgs {
     /// Frames queued per flush (one avail-index publish and at most one kick per batch).
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Forward like testpmd's `io` mode after `--tx-first`: N frames circulate and each
+    /// one received is sent straight back from its RX buffer, with no copy in the driver
+    /// (0: the default mode, which writes every frame into a TX buffer and copies every
+    /// received one out).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    forward: u64,
 }
 
 /// A driver and a frame, set up and pinned for a benchmark.
@@ -114,6 +120,8 @@ pub(crate) struct Pump {
     buf: Vec<u8>,
     /// When the stream last stopped moving (None while it moves).
     stalled_since: Option<Instant>,
+    /// Rounds in a row in which nothing moved.
+    idle: u32,
 }
 
 impl Pump {
@@ -125,6 +133,7 @@ impl Pump {
             window: drv.max_in_flight() as u64,
             buf: Vec::new(),
             stalled_since: None,
+            idle: 0,
         }
     }
 
@@ -163,11 +172,70 @@ impl Pump {
             }
             self.got += 1;
         }
-        // The clock is read only while nothing moves (a clock read per step cost up to
-        // 12 % of the driver's time at full rate).
-        if self.got > before || queued > 0 {
+        self.progress(drv, self.got > before || queued > 0)?;
+        Ok(self.got - before)
+    }
+
+    /// One round of testpmd-style `io` forwarding: the first call queues `n` frames, then
+    /// every frame that comes back is sent straight out again from its RX buffer
+    /// ([`NetDriver::echo`], no copy), up to `batch` per flush. Checks each comes back in
+    /// order (the `n` sequence numbers cycle). Returns the frames received.
+    pub fn echo_step<T: DeviceTransport>(
+        &mut self,
+        drv: &mut NetDriver<T>,
+        frame: &mut [u8],
+        n: u64,
+    ) -> Result<u64> {
+        if n > self.window {
+            bail!("{n} frames in circulation: at most {} fit", self.window);
+        }
+        let mut queued = 0;
+        while self.sent < n {
+            if let Some(seq) = frame.get_mut(SEQ_AT..SEQ_AT + 8) {
+                seq.copy_from_slice(&self.sent.to_le_bytes());
+            }
+            if !drv.queue_frame(frame)? {
+                break;
+            }
+            self.sent += 1;
+            queued += 1;
+        }
+        let before = self.got;
+        let mut peek = [0u8; SEQ_AT + 8];
+        while self.got - before < self.batch as u64 {
+            let Some(len) = drv.echo(&mut peek)? else {
+                break;
+            };
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&peek[SEQ_AT..]);
+            let seq = u64::from_le_bytes(b);
+            if seq != self.got % n || len != frame.len() {
+                bail!(
+                    "frame {} came back as sequence {seq} with {len} bytes (expected {}): lost, duplicated or reordered",
+                    self.got,
+                    self.got % n
+                );
+            }
+            self.got += 1;
+        }
+        drv.flush()?;
+        self.progress(drv, self.got > before || queued > 0)?;
+        Ok(self.got - before)
+    }
+
+    /// After a round: notes whether anything moved, sleeps on the call eventfd (interrupt
+    /// mode) when nothing did, and gives up after 5 s without progress.
+    fn progress<T: DeviceTransport>(&mut self, drv: &mut NetDriver<T>, moved: bool) -> Result<()> {
+        // The clock is read only while nothing moves, and then every 256 idle rounds (a
+        // clock read per step cost up to 12 % of the driver's time at full rate, and each
+        // one delays noticing the next frames).
+        if moved {
             self.stalled_since = None;
-        } else {
+            self.idle = 0;
+            return Ok(());
+        }
+        self.idle = self.idle.wrapping_add(1);
+        if self.idle % 256 == 1 {
             let now = Instant::now();
             match self.stalled_since {
                 None => self.stalled_since = Some(now),
@@ -176,9 +244,9 @@ impl Pump {
                 }
                 Some(_) => {}
             }
-            drv.wait_rx(Duration::from_millis(100))?;
         }
-        Ok(self.got - before)
+        drv.wait_rx(Duration::from_millis(100))?;
+        Ok(())
     }
 }
 
@@ -457,7 +525,11 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
             }
         }
         steps = steps.wrapping_add(1);
-        pump.step(&mut s.drv, &mut s.frame)?;
+        if a.forward > 0 {
+            pump.echo_step(&mut s.drv, &mut s.frame, a.forward)?;
+        } else {
+            pump.step(&mut s.drv, &mut s.frame)?;
+        }
     }
     let Some((t0, got0)) = start else {
         bail!("measurement never started")
@@ -476,7 +548,7 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
             "benchmark": "throughput", "size": a.common.size, "batch": batch, "seconds": secs,
             "frames": frames, "frames_per_s": fps, "gbit_per_s": gbps, "ns_per_frame": ns_per_frame,
             "parent": s.parent, "device": s.target, "cpus": s.cpus.map(|(x, y)| [x, y]),
-            "interrupts": a.common.interrupts, "packed": packed,
+            "interrupts": a.common.interrupts, "packed": packed, "forward": a.forward,
             "floors": floors::to_json(&fl, a.common.floor_iters, s.cpus),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);

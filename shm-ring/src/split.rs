@@ -500,6 +500,8 @@ pub struct DriverQueue {
     free: Vec<u16>,
     next: Vec<u16>,
     chain_len: Vec<u16>,
+    /// Chains in flight (entries of `chain_len` above 0).
+    chains: usize,
     avail_idx: u16,
     kicked_at: u16,
     last_used: u16,
@@ -532,6 +534,7 @@ impl DriverQueue {
             free: (0..size).rev().collect(),
             next: vec![0; size as usize],
             chain_len: vec![0; size as usize],
+            chains: 0,
             avail_idx: 0,
             kicked_at: 0,
             last_used: 0,
@@ -560,7 +563,7 @@ impl DriverQueue {
 
     /// Chains added and not yet returned by the device.
     pub fn in_flight(&self) -> usize {
-        self.chain_len.iter().filter(|&&l| l > 0).count()
+        self.chains
     }
 
     /// Adds a chain of direct descriptors; returns its head, or `None` if the ring lacks
@@ -580,6 +583,7 @@ impl DriverQueue {
         let head = self.free[start];
         self.free.truncate(start);
         self.chain_len[head as usize] = segs.len() as u16;
+        self.chains += 1;
         self.push_avail(head);
         Some(head)
     }
@@ -618,6 +622,7 @@ impl DriverQueue {
         }
         .write(self.rings.desc, head as u32);
         self.chain_len[head as usize] = 1;
+        self.chains += 1;
         self.push_avail(head);
         Ok(Some(head))
     }
@@ -676,6 +681,7 @@ impl DriverQueue {
             d = self.next[d as usize];
         }
         self.chain_len[id as usize] = 0;
+        self.chains -= 1;
         Ok(Some((id as u16, len)))
     }
 

@@ -32,6 +32,9 @@ pub const DEFAULT_MAC: [u8; 6] = [0x02, b'v', b'm', b'd', b'e', b'v'];
 /// Room before each TX buffer for its two-entry indirect table.
 const TX_TABLE: u64 = 64;
 
+/// Marks, in the TX head table, an RX buffer lent to TX by [`NetDriver::echo`].
+const LENT_RX: u32 = 1 << 31;
+
 /// How many buffers ahead the driver prefetches the TX buffer it will fill and the RX
 /// buffer it will read.
 const PREFETCH_AHEAD: usize = 4;
@@ -685,11 +688,90 @@ impl<T: DeviceTransport> NetDriver<T> {
 
     fn reap_tx(&mut self) -> Result<(), DriverError> {
         while let Some((head, _)) = self.tx.pop_used()? {
-            if let Some(&b) = self.tx_buf_of_head.get(head as usize) {
-                self.tx_free.push(b);
+            match self.tx_buf_of_head.get(head as usize) {
+                Some(&b) if b & LENT_RX != 0 => self.post_rx(b & !LENT_RX)?,
+                Some(&b) => self.tx_free.push(b),
+                None => {}
             }
         }
         Ok(())
+    }
+
+    /// Sends the next received frame straight back, without copying it: its RX buffer
+    /// becomes the TX buffer (visible at the next [`NetDriver::flush`]) and returns to the
+    /// RX ring once the device has sent it — testpmd's `io` forwarding. `peek` gets the
+    /// frame's first bytes for the caller to look at. Returns the frame's length, or `None`
+    /// when nothing was received (or TX has no room yet). Needs RX buffers that hold a
+    /// whole frame (the default `rx_buffer_size`).
+    pub fn echo(&mut self, peek: &mut [u8]) -> Result<Option<usize>, DriverError> {
+        let hdr = net::HDR_LEN as u64;
+        if self.rx_buf < hdr + self.max_frame() as u64 {
+            return Err(DriverError::Device(format!(
+                "echo needs RX buffers that hold a whole frame ({} bytes), not {}",
+                hdr + self.max_frame() as u64,
+                self.rx_buf
+            )));
+        }
+        // Lent buffers come back to the RX ring in batches, not only when TX is full.
+        if self.tx.in_flight() >= self.rx_publish_batch || self.tx.free_descriptors() == 0 {
+            self.reap_tx()?;
+            if self.tx.free_descriptors() == 0 {
+                return Ok(None);
+            }
+        }
+        let Some((head, len)) = self.rx.pop_used()? else {
+            return Ok(None);
+        };
+        let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
+        if let Some(next) = self.rx.peek_used(PREFETCH_AHEAD as u16 - 1) {
+            let b = self.rx_buf_of_head.get(next as usize).copied().unwrap_or(0);
+            self.mem.prefetch(
+                GuestAddr(self.rx_base + b as u64 * self.rx_buf),
+                self.rx_buf,
+                false,
+            );
+        }
+        if (len as u64) < hdr || len as u64 > self.rx_buf {
+            return Err(DriverError::Device(format!(
+                "RX used length {len} outside {hdr}..={}",
+                self.rx_buf
+            )));
+        }
+        let base = self.rx_base + buf as u64 * self.rx_buf;
+        let mut h = [0u8; net::HDR_LEN];
+        self.mem
+            .read(GuestAddr(base), &mut h)
+            .map_err(RingError::from)?;
+        let nb = u16::from_le_bytes([h[net::HDR_NUM_BUFFERS], h[net::HDR_NUM_BUFFERS + 1]]);
+        if self.features & f::NET_F_MRG_RXBUF != 0 && nb != 1 {
+            return Err(DriverError::Device(format!(
+                "num_buffers {nb} for a frame that fits one RX buffer"
+            )));
+        }
+        let n = peek.len().min(len as usize - net::HDR_LEN);
+        self.mem
+            .read(GuestAddr(base + hdr), &mut peek[..n])
+            .map_err(RingError::from)?;
+        // num_buffers means nothing on transmit: send the header back zeroed.
+        self.mem
+            .write(GuestAddr(base + net::HDR_NUM_BUFFERS as u64), &[0, 0])
+            .map_err(RingError::from)?;
+        let seg = Segment {
+            addr: GuestAddr(base),
+            len,
+            writable: false,
+        };
+        let Some(t) = self.tx.add(&[seg]) else {
+            return Err(DriverError::Device(
+                "TX ring full after a free check".into(),
+            ));
+        };
+        if let Some(s) = self.tx_buf_of_head.get_mut(t as usize) {
+            *s = buf | LENT_RX;
+        }
+        self.tx_unpublished += 1;
+        self.tx_count += 1;
+        Ok(Some(len as usize - net::HDR_LEN))
     }
 
     /// Queues one frame for transmission (visible to the device at the next
