@@ -697,6 +697,16 @@ impl<T: DeviceTransport> NetDriver<T> {
         Ok(())
     }
 
+    /// Asks the cache for the RX buffer a few used entries on (the device wrote it from the
+    /// other core), so that reading it later does not stall.
+    fn prefetch_rx_ahead(&self) {
+        if let Some(next) = self.rx.peek_used(PREFETCH_AHEAD as u16 - 1) {
+            let b = self.rx_buf_of_head.get(next as usize).copied().unwrap_or(0);
+            let at = self.rx_base + b as u64 * self.rx_buf;
+            self.mem.prefetch(GuestAddr(at), self.rx_buf, false);
+        }
+    }
+
     /// Sends the next received frame straight back, without copying it: its RX buffer
     /// becomes the TX buffer (visible at the next [`NetDriver::flush`]) and returns to the
     /// RX ring once the device has sent it — testpmd's `io` forwarding. `peek` gets the
@@ -723,14 +733,7 @@ impl<T: DeviceTransport> NetDriver<T> {
             return Ok(None);
         };
         let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
-        if let Some(next) = self.rx.peek_used(PREFETCH_AHEAD as u16 - 1) {
-            let b = self.rx_buf_of_head.get(next as usize).copied().unwrap_or(0);
-            self.mem.prefetch(
-                GuestAddr(self.rx_base + b as u64 * self.rx_buf),
-                self.rx_buf,
-                false,
-            );
-        }
+        self.prefetch_rx_ahead();
         if (len as u64) < hdr || len as u64 > self.rx_buf {
             return Err(DriverError::Device(format!(
                 "RX used length {len} outside {hdr}..={}",
@@ -887,11 +890,7 @@ impl<T: DeviceTransport> NetDriver<T> {
             return Ok(false);
         };
         let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
-        if let Some(next) = self.rx.peek_used(PREFETCH_AHEAD as u16 - 1) {
-            let b = self.rx_buf_of_head.get(next as usize).copied().unwrap_or(0);
-            let at = self.rx_base + b as u64 * self.rx_buf;
-            self.mem.prefetch(GuestAddr(at), self.rx_buf, false);
-        }
+        self.prefetch_rx_ahead();
         if (len as usize) < net::HDR_LEN || len as u64 > self.rx_buf {
             return Err(DriverError::Device(format!(
                 "RX used length {len} outside {}..={}",
