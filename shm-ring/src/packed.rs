@@ -988,28 +988,6 @@ impl PackedDriverQueue {
         Ok(Some((id, len)))
     }
 
-    /// The id of the used buffer `ahead` places after the next one, if the device already
-    /// marked it used: a hint for prefetching, walked with the driver's own chain lengths
-    /// and not validated like `pop_used`.
-    pub fn peek_used(&self, ahead: u16) -> Option<u16> {
-        let mut pos = self.last_used;
-        for i in 0..=ahead {
-            let flags = self.rings.flags(pos.index).load(Ordering::Relaxed);
-            if !is_used(flags, pos.wrap) {
-                return None;
-            }
-            let (_, _, id) = self.rings.read_body(pos.index);
-            if i == ahead {
-                return Some(id);
-            }
-            match self.desc_count.get(id as usize) {
-                Some(&n) if n > 0 => pos.advance(n, self.rings.size),
-                _ => return None,
-            }
-        }
-        None
-    }
-
     fn store_driver_event(&mut self, off_wrap: u16, flags: u16) {
         self.event_off_wrap = off_wrap;
         self.rings
