@@ -15,9 +15,10 @@ pub struct ScaleArgs {
     /// The control plane's run directory.
     #[arg(long, env = "VMDEV_RUN_DIR", default_value = "/run/vmdev")]
     run_dir: PathBuf,
-    /// The datapath to load.
-    #[arg(short, long)]
-    parent: String,
+    /// The datapath(s) to load; with several (`dp0,dp1`) the devices are spread over them
+    /// round-robin.
+    #[arg(short, long, value_delimiter = ',', required = true)]
+    parent: Vec<String>,
     /// Device counts to measure, e.g. 1,8,64.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     devices: Vec<usize>,
@@ -123,7 +124,10 @@ fn parent_info(run_dir: &Path, parent: &str) -> Result<(u32, Option<usize>)> {
 
 /// Runs `vmdev-perf scale`.
 pub fn scale(a: &ScaleArgs) -> Result<()> {
-    let (_, dp_cpu) = parent_info(&a.run_dir, &a.parent)?;
+    let mut dp_cpu = None;
+    for p in a.parent.iter().rev() {
+        dp_cpu = parent_info(&a.run_dir, p)?.1;
+    }
     pin_driver(a.cpu, dp_cpu)?;
     let mut mgmt = TransportClient::connect(&a.run_dir)?;
     let mut rows = Vec::new();
@@ -131,10 +135,11 @@ pub fn scale(a: &ScaleArgs) -> Result<()> {
         let mut uuids = Vec::new();
         let res = (|| -> Result<f64> {
             let mut drivers = Vec::new();
-            for _ in 0..n {
+            for i in 0..n {
                 let attrs = vec![("queue-size".to_string(), "256".to_string())];
+                let parent = &a.parent[i % a.parent.len()];
                 let u = mgmt
-                    .start_device(&a.parent, "net-loopback", None, attrs, None)
+                    .start_device(parent, "net-loopback", None, attrs, None)
                     .with_context(|| format!("starting device {} of {n}", uuids.len() + 1))?;
                 uuids.push(u);
                 drivers.push(NetDriver::open(&a.run_dir, u, NetDriverConfig::default())?);
@@ -168,8 +173,10 @@ pub fn scale(a: &ScaleArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "scale: {}-byte frames, batch {} per device, one driver thread, datapath '{}'",
-        a.size, a.batch, a.parent
+        "scale: {}-byte frames, batch {} per device, one driver thread, datapath(s) '{}'",
+        a.size,
+        a.batch,
+        a.parent.join(",")
     );
     println!(
         "{:>8} {:>16} {:>12}",
