@@ -22,7 +22,8 @@ const CTRL_OK: u8 = 0;
 const CTRL_ERR: u8 = 1;
 
 /// Loopback state: where the queues are, and reusable chain buffers (a batch of TX chains,
-/// the RX chains reserved for them, and how many each frame got).
+/// the RX chains reserved for them, and how many each frame got: `None` for a chain too
+/// short to hold a header, 0 when no RX room was found).
 pub struct NetLoopback {
     pairs: Vec<(usize, usize)>,
     ctrl: Option<usize>,
@@ -30,7 +31,7 @@ pub struct NetLoopback {
     mrg: bool,
     txc: Vec<Chain>,
     rxc: Vec<Chain>,
-    plan: Vec<usize>,
+    plan: Vec<Option<usize>>,
     ctrlc: Chain,
 }
 
@@ -126,21 +127,20 @@ impl NetLoopback {
         for i in 0..n {
             let total = self.txc[i].readable_len();
             let k = if (total as usize) < HDR_LEN {
-                0
+                None
             } else {
-                self.reserve(rx, total, reserved)?
+                Some(self.reserve(rx, total, reserved)?)
             };
             self.plan.push(k);
-            reserved += k;
+            reserved += k.unwrap_or(0);
         }
         let mut r = 0;
         for (c, &k) in self.txc[..n].iter().zip(&self.plan) {
-            let total = c.readable_len() as usize;
-            if total < HDR_LEN {
+            let Some(k) = k else {
                 tx.stats.drops += 1;
                 continue;
-            }
-            let frame = (total - HDR_LEN) as u64;
+            };
+            let frame = (c.readable_len() as usize - HDR_LEN) as u64;
             tx.stats.packets += 1;
             tx.stats.bytes += frame;
             if k == 0 {

@@ -110,6 +110,12 @@ pub(crate) struct Setup<T = TransportClient> {
 /// Offset of the sequence number stamped into each frame (after the Ethernet header).
 const SEQ_AT: usize = 14;
 
+/// The sequence number stamped into a frame, if it is long enough to carry one.
+fn seq_of(frame: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = frame.get(SEQ_AT..SEQ_AT + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
 /// Keeps a window of frames in flight: queues up to `batch` per flush, stamps each with its
 /// sequence number and checks that every frame comes back once and in order.
 pub(crate) struct Pump {
@@ -144,25 +150,12 @@ impl Pump {
         drv: &mut NetDriver<T>,
         frame: &mut [u8],
     ) -> Result<u64> {
-        let mut queued = 0;
-        while queued < self.batch && self.sent - self.got < self.window {
-            if let Some(seq) = frame.get_mut(SEQ_AT..SEQ_AT + 8) {
-                seq.copy_from_slice(&self.sent.to_le_bytes());
-            }
-            if !drv.queue_frame(frame)? {
-                break;
-            }
-            self.sent += 1;
-            queued += 1;
-        }
+        let limit = (self.sent + self.batch as u64).min(self.got + self.window);
+        let queued = self.queue_until(drv, frame, limit)?;
         drv.flush()?;
         let before = self.got;
         while drv.recv_into(&mut self.buf)? {
-            let seq = self.buf.get(SEQ_AT..SEQ_AT + 8).map(|b| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                u64::from_le_bytes(a)
-            });
+            let seq = seq_of(&self.buf);
             if seq != Some(self.got) || self.buf.len() != frame.len() {
                 bail!(
                     "frame {} came back as {seq:?} with {} bytes: lost, duplicated or reordered",
@@ -189,26 +182,14 @@ impl Pump {
         if n > self.window {
             bail!("{n} frames in circulation: at most {} fit", self.window);
         }
-        let mut queued = 0;
-        while self.sent < n {
-            if let Some(seq) = frame.get_mut(SEQ_AT..SEQ_AT + 8) {
-                seq.copy_from_slice(&self.sent.to_le_bytes());
-            }
-            if !drv.queue_frame(frame)? {
-                break;
-            }
-            self.sent += 1;
-            queued += 1;
-        }
+        let queued = self.queue_until(drv, frame, n)?;
         let before = self.got;
         let mut peek = [0u8; SEQ_AT + 8];
         while self.got - before < self.batch as u64 {
             let Some(len) = drv.echo(&mut peek)? else {
                 break;
             };
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&peek[SEQ_AT..]);
-            let seq = u64::from_le_bytes(b);
+            let seq = seq_of(&peek).unwrap_or(u64::MAX);
             if seq != self.got % n || len != frame.len() {
                 bail!(
                     "frame {} came back as sequence {seq} with {len} bytes (expected {}): lost, duplicated or reordered",
@@ -221,6 +202,27 @@ impl Pump {
         drv.flush()?;
         self.progress(drv, self.got > before || queued > 0)?;
         Ok(self.got - before)
+    }
+
+    /// Queues frames, each stamped with its sequence number, until `limit` have been sent
+    /// in all or TX is full; returns how many it queued.
+    fn queue_until<T: DeviceTransport>(
+        &mut self,
+        drv: &mut NetDriver<T>,
+        frame: &mut [u8],
+        limit: u64,
+    ) -> Result<u64> {
+        let first = self.sent;
+        while self.sent < limit {
+            if let Some(seq) = frame.get_mut(SEQ_AT..SEQ_AT + 8) {
+                seq.copy_from_slice(&self.sent.to_le_bytes());
+            }
+            if !drv.queue_frame(frame)? {
+                break;
+            }
+            self.sent += 1;
+        }
+        Ok(self.sent - first)
     }
 
     /// After a round: notes whether anything moved, sleeps on the call eventfd (interrupt

@@ -234,25 +234,25 @@ mod tests {
         Arc::new(mem)
     }
 
-    #[test]
-    fn packed_tokens_are_buffer_ids_that_come_back_from_pop_used() {
-        let size = 5; // not a power of two
-        let (d, a, u, total) = ring_offsets(size, true);
+    /// A driver ring of `size` at the start of fresh memory: the memory, the ring, its three
+    /// guest addresses (for the device side) and the first address past it.
+    fn ring(size: u16, packed: bool) -> (Arc<GuestMemory>, DriverRing, [GuestAddr; 3], u64) {
+        let (d, a, u, total) = ring_offsets(size, packed);
         let mem = memory(4096 + total);
         let addrs = (BASE + d, BASE + a, BASE + u);
         let rf = RingFeatures::default();
-        let mut drv = DriverRing::new(Arc::clone(&mem), size, addrs, rf, true).expect("ring");
+        let drv = DriverRing::new(Arc::clone(&mem), size, addrs, rf, packed).expect("ring");
+        let ga = [GuestAddr(addrs.0), GuestAddr(addrs.1), GuestAddr(addrs.2)];
+        (mem, drv, ga, BASE + total)
+    }
+
+    #[test]
+    fn packed_tokens_are_buffer_ids_that_come_back_from_pop_used() {
+        let size = 5; // not a power of two
+        let (mem, mut drv, [a, b, c], buf) = ring(size, true);
         assert!(drv.is_packed());
-        let mut dev = PackedDeviceQueue::new(
-            Arc::clone(&mem),
-            size,
-            GuestAddr(addrs.0),
-            GuestAddr(addrs.1),
-            GuestAddr(addrs.2),
-            rf,
-        )
-        .expect("device");
-        let buf = BASE + total;
+        let rf = RingFeatures::default();
+        let mut dev = PackedDeviceQueue::new(mem, size, a, b, c, rf).expect("device");
         let seg = |i: u64| Segment {
             addr: GuestAddr(buf + i * 64),
             len: 64,
@@ -285,15 +285,11 @@ mod tests {
     #[test]
     fn split_tokens_are_heads() {
         let size = 8;
-        let (d, a, u, total) = ring_offsets(size, false);
-        let mem = memory(4096 + total);
-        let addrs = (BASE + d, BASE + a, BASE + u);
-        let mut drv =
-            DriverRing::new(mem, size, addrs, RingFeatures::default(), false).expect("ring");
+        let (_mem, mut drv, _, buf) = ring(size, false);
         assert!(!drv.is_packed());
         let t = drv
             .add(&[Segment {
-                addr: GuestAddr(BASE + total),
+                addr: GuestAddr(buf),
                 len: 64,
                 writable: false,
             }])
@@ -310,25 +306,14 @@ mod tests {
     fn split_peek_and_the_in_order_check() {
         for in_order in [false, true] {
             let size = 8;
-            let (d, a, u, total) = ring_offsets(size, false);
-            let mem = memory(4096 + total);
-            let addrs = (BASE + d, BASE + a, BASE + u);
-            let rf = RingFeatures::default();
-            let mut drv = DriverRing::new(Arc::clone(&mem), size, addrs, rf, false).expect("ring");
+            let (mem, mut drv, [a, b, c], buf) = ring(size, false);
             if in_order {
                 drv.expect_in_order();
             }
-            let mut dev = vmdev_shm_ring::DeviceQueue::new(
-                Arc::clone(&mem),
-                size,
-                GuestAddr(addrs.0),
-                GuestAddr(addrs.1),
-                GuestAddr(addrs.2),
-                rf,
-            )
-            .expect("device");
+            let rf = RingFeatures::default();
+            let mut dev = vmdev_shm_ring::DeviceQueue::new(mem, size, a, b, c, rf).expect("device");
             let seg = Segment {
-                addr: GuestAddr(BASE + total),
+                addr: GuestAddr(buf),
                 len: 64,
                 writable: true,
             };

@@ -697,6 +697,29 @@ impl<T: DeviceTransport> NetDriver<T> {
         Ok(())
     }
 
+    /// Takes the next used RX buffer, if any: its buffer number, the length the device
+    /// wrote (checked to hold a header and fit the buffer) and the header's num_buffers.
+    fn take_rx(&mut self) -> Result<Option<(u32, u32, u16)>, DriverError> {
+        let Some((head, len)) = self.rx.pop_used()? else {
+            return Ok(None);
+        };
+        let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
+        self.prefetch_rx_ahead();
+        if (len as usize) < net::HDR_LEN || len as u64 > self.rx_buf {
+            return Err(DriverError::Device(format!(
+                "RX used length {len} outside {}..={}",
+                net::HDR_LEN,
+                self.rx_buf
+            )));
+        }
+        let mut h = [0u8; net::HDR_LEN];
+        self.mem
+            .read(GuestAddr(self.rx_base + buf as u64 * self.rx_buf), &mut h)
+            .map_err(RingError::from)?;
+        let nb = u16::from_le_bytes([h[net::HDR_NUM_BUFFERS], h[net::HDR_NUM_BUFFERS + 1]]);
+        Ok(Some((buf, len, nb)))
+    }
+
     /// Asks the cache for the RX buffer a few used entries on (the device wrote it from the
     /// other core), so that reading it later does not stall.
     fn prefetch_rx_ahead(&self) {
@@ -729,23 +752,10 @@ impl<T: DeviceTransport> NetDriver<T> {
                 return Ok(None);
             }
         }
-        let Some((head, len)) = self.rx.pop_used()? else {
+        let Some((buf, len, nb)) = self.take_rx()? else {
             return Ok(None);
         };
-        let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
-        self.prefetch_rx_ahead();
-        if (len as u64) < hdr || len as u64 > self.rx_buf {
-            return Err(DriverError::Device(format!(
-                "RX used length {len} outside {hdr}..={}",
-                self.rx_buf
-            )));
-        }
         let base = self.rx_base + buf as u64 * self.rx_buf;
-        let mut h = [0u8; net::HDR_LEN];
-        self.mem
-            .read(GuestAddr(base), &mut h)
-            .map_err(RingError::from)?;
-        let nb = u16::from_le_bytes([h[net::HDR_NUM_BUFFERS], h[net::HDR_NUM_BUFFERS + 1]]);
         if self.features & f::NET_F_MRG_RXBUF != 0 && nb != 1 {
             return Err(DriverError::Device(format!(
                 "num_buffers {nb} for a frame that fits one RX buffer"
@@ -886,30 +896,16 @@ impl<T: DeviceTransport> NetDriver<T> {
     /// Takes one received frame (without the virtio-net header) into `out` and reposts its
     /// buffer; `Ok(false)` when none is waiting.
     pub fn recv_into(&mut self, out: &mut Vec<u8>) -> Result<bool, DriverError> {
-        let Some((head, len)) = self.rx.pop_used()? else {
+        let Some((buf, len, n)) = self.take_rx()? else {
             return Ok(false);
         };
-        let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
-        self.prefetch_rx_ahead();
-        if (len as usize) < net::HDR_LEN || len as u64 > self.rx_buf {
-            return Err(DriverError::Device(format!(
-                "RX used length {len} outside {}..={}",
-                net::HDR_LEN,
-                self.rx_buf
-            )));
-        }
         let base = self.rx_base + buf as u64 * self.rx_buf;
-        let mut hdr = [0u8; net::HDR_LEN];
-        self.mem
-            .read(GuestAddr(base), &mut hdr)
-            .map_err(RingError::from)?;
         out.resize(len as usize - net::HDR_LEN, 0);
         self.mem
             .read(GuestAddr(base + net::HDR_LEN as u64), out)
             .map_err(RingError::from)?;
         self.post_rx(buf)?;
         if self.features & f::NET_F_MRG_RXBUF != 0 {
-            let n = u16::from_le_bytes([hdr[net::HDR_NUM_BUFFERS], hdr[net::HDR_NUM_BUFFERS + 1]]);
             if n == 0 || n > self.rings[0].size {
                 return Err(DriverError::Device(format!(
                     "num_buffers {n} in a merged RX header"
