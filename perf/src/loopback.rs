@@ -516,14 +516,28 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
     let mut start: Option<(Instant, u64)> = None;
     let measure = Duration::from_secs_f64(a.seconds.max(0.1));
     let mut steps = 0u32;
+    // Rate of each whole second of the measurement: this machine flips between a quiet and
+    // a slow mode within seconds, and the spread of these shows which modes a run hit.
+    let mut per_second = Vec::new();
+    let mut tick: Option<(Instant, u64)> = None;
     loop {
         // The clock every 16 steps: a few µs of precision, a fraction of the reads.
         if steps.is_multiple_of(16) {
             let now = Instant::now();
             match start {
-                None if now >= warmup_end => start = Some((now, pump.got)),
+                None if now >= warmup_end => {
+                    start = Some((now, pump.got));
+                    tick = start;
+                }
                 Some((t0, _)) if now - t0 >= measure => break,
                 _ => {}
+            }
+            if let Some((t, got)) = tick {
+                let dt = now - t;
+                if dt >= Duration::from_secs(1) {
+                    per_second.push((pump.got - got) as f64 / dt.as_secs_f64());
+                    tick = Some((now, pump.got));
+                }
             }
         }
         steps = steps.wrapping_add(1);
@@ -551,6 +565,7 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
             "frames": frames, "frames_per_s": fps, "gbit_per_s": gbps, "ns_per_frame": ns_per_frame,
             "parent": s.parent, "device": s.target, "cpus": s.cpus.map(|(x, y)| [x, y]),
             "interrupts": a.common.interrupts, "packed": packed, "forward": a.forward,
+            "per_second": per_second,
             "floors": floors::to_json(&fl, a.common.floor_iters, s.cpus),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
