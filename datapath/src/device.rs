@@ -28,17 +28,25 @@ pub struct QueueCtx {
     kick_slot: usize,
     call: Option<OwnedFd>,
     /// Used entries published since the last notification decision.
-    pub unsignalled: bool,
+    unsignalled: bool,
 }
 
 impl QueueCtx {
-    /// Publishes used entries and, if the driver asked for it, queues an interrupt.
-    pub fn complete(&mut self, uring: &mut Uring) {
+    /// Makes the used entries added so far visible to the driver (one release store); the
+    /// interrupt decision waits for [`QueueCtx::notify`].
+    #[inline]
+    pub fn publish(&mut self) {
+        self.ring.publish_used();
+        self.unsignalled = true;
+    }
+
+    /// If anything was published since the last decision and the driver asked for it,
+    /// queues an interrupt.
+    pub fn notify(&mut self, uring: &mut Uring) {
         if !self.unsignalled {
             return;
         }
         self.unsignalled = false;
-        self.ring.publish_used();
         if self.ring.needs_notification() {
             if let Some(call) = &self.call {
                 match uring.signal(call.as_fd()) {
