@@ -7,6 +7,7 @@
 //!   4-aligned.
 
 use crate::{chain::Chain, memory::GuestMemory, GuestAddr, RingError};
+use std::collections::VecDeque;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
@@ -139,15 +140,20 @@ impl Rings {
         self.u16_atomic(self.used, 4 + 8 * self.size as usize)
     }
 
+    /// Writes a used element unless it already holds those bytes. A driver that uses its
+    /// descriptors in ring order gets the same id and length in the same slot lap after
+    /// lap: skipping the store leaves the line shared in both caches, so neither side
+    /// pays a cross-core transfer for it (the driver reads the right value either way).
     fn write_used_elem(&self, slot: u16, id: u32, len: u32) {
         let off = 4 + 8 * (slot & self.mask()) as usize;
-        let v = (id as u64) | ((len as u64) << 32);
-        // SAFETY: inside the used ring, 4-aligned; written as one unaligned-tolerant store.
+        let v = ((id as u64) | ((len as u64) << 32)).to_le_bytes();
+        // SAFETY: inside the used ring, 4-aligned; read and written as unaligned-tolerant
+        // byte arrays.
         unsafe {
-            std::ptr::write_volatile(
-                self.used.as_ptr().add(off).cast::<[u8; 8]>(),
-                v.to_le_bytes(),
-            )
+            let p = self.used.as_ptr().add(off).cast::<[u8; 8]>();
+            if std::ptr::read_volatile(p) != v {
+                std::ptr::write_volatile(p, v)
+            }
         }
     }
 
@@ -195,12 +201,14 @@ impl Descriptor {
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&self.addr.to_le_bytes());
         b[8..].copy_from_slice(&hi.to_le_bytes());
-        // SAFETY: callers bound `index` by the table length they validated.
+        // SAFETY: callers bound `index` by the table length they validated. An unchanged
+        // descriptor (a buffer reposted in the same slot) is not stored again, so the line
+        // stays shared with the device's core instead of moving back and forth.
         unsafe {
-            std::ptr::write_volatile(
-                table.as_ptr().add(index as usize * 16).cast::<[u8; 16]>(),
-                b,
-            )
+            let p = table.as_ptr().add(index as usize * 16).cast::<[u8; 16]>();
+            if std::ptr::read_volatile(p) != b {
+                std::ptr::write_volatile(p, b)
+            }
         }
     }
 }
@@ -330,7 +338,11 @@ impl DeviceQueue {
 
     /// Before a batch of up to `max` pops: asks the cache for the head descriptors of the
     /// chains already available and for the used-ring lines they will be returned in, so
-    /// those cross-core misses overlap. Returns how many chains are available. Reads only
+    /// those cross-core misses overlap. The used lines are fetched for reading, not for
+    /// ownership: with a driver that reuses descriptors in ring order most used elements
+    /// are already right and are not stored again (see `write_used_elem`), and taking the
+    /// lines for writing would pull them from the driver for nothing. Returns how many
+    /// chains are available. Reads only
     /// ring memory validated at setup; a hostile head index is masked (a wasted hint at
     /// worst) and is checked for real by `pop`.
     pub fn prefetch(&mut self, max: u16) -> Result<u16, RingError> {
@@ -346,7 +358,7 @@ impl DeviceQueue {
         }
         for i in (0..n).step_by(8) {
             let slot = self.next_used.wrapping_add(i) & mask;
-            crate::prefetch::write(self.rings.used.as_ptr().wrapping_add(4 + 8 * slot as usize));
+            crate::prefetch::read(self.rings.used.as_ptr().wrapping_add(4 + 8 * slot as usize));
         }
         Ok(n)
     }
@@ -497,7 +509,9 @@ pub struct DriverQueue {
     rings: Rings,
     addrs: (GuestAddr, GuestAddr, GuestAddr),
     features: RingFeatures,
-    free: Vec<u16>,
+    /// Free descriptors, taken from the front and returned at the back: a device that
+    /// completes in order then sees the same heads in the same avail slots lap after lap.
+    free: VecDeque<u16>,
     next: Vec<u16>,
     chain_len: Vec<u16>,
     /// Chains in flight (entries of `chain_len` above 0).
@@ -531,7 +545,7 @@ impl DriverQueue {
             rings,
             addrs: (desc, avail, used),
             features,
-            free: (0..size).rev().collect(),
+            free: (0..size).collect(),
             next: vec![0; size as usize],
             chain_len: vec![0; size as usize],
             chains: 0,
@@ -572,16 +586,17 @@ impl DriverQueue {
         if segs.is_empty() || segs.len() > self.free.len() {
             return None;
         }
-        // The chain takes the last `n` free descriptors, linked in order, with no allocation.
-        let start = self.free.len() - segs.len();
+        // The chain takes the first `n` free descriptors, linked in order, with no
+        // allocation.
+        let n = segs.len();
         for (i, s) in segs.iter().enumerate() {
-            let id = self.free[start + i];
-            let next = self.free.get(start + i + 1).copied();
+            let id = self.free[i];
+            let next = (i + 1 < n).then(|| self.free[i + 1]);
             self.next[id as usize] = next.unwrap_or(0);
             s.descriptor(next).write(self.rings.desc, id as u32);
         }
-        let head = self.free[start];
-        self.free.truncate(start);
+        let head = self.free[0];
+        self.free.drain(..n);
         self.chain_len[head as usize] = segs.len() as u16;
         self.chains += 1;
         self.push_avail(head);
@@ -611,7 +626,7 @@ impl DriverQueue {
             let next = (i + 1 < segs.len()).then_some(i as u16 + 1);
             s.descriptor(next).write(tptr, i as u32);
         }
-        let Some(head) = self.free.pop() else {
+        let Some(head) = self.free.pop_front() else {
             return Ok(None);
         };
         Descriptor {
@@ -627,10 +642,14 @@ impl DriverQueue {
         Ok(Some(head))
     }
 
+    /// Puts `head` in the next avail slot, skipping the store when the slot already holds
+    /// it (descriptors reused in ring order): the line then stays shared in both caches
+    /// instead of moving between the cores.
     fn push_avail(&mut self, head: u16) {
-        self.rings
-            .avail_entry(self.avail_idx)
-            .store(head, Ordering::Relaxed);
+        let entry = self.rings.avail_entry(self.avail_idx);
+        if entry.load(Ordering::Relaxed) != head {
+            entry.store(head, Ordering::Relaxed);
+        }
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 
@@ -677,7 +696,7 @@ impl DriverQueue {
         self.last_used = self.last_used.wrapping_add(1);
         let mut d = id as u16;
         for _ in 0..n {
-            self.free.push(d);
+            self.free.push_back(d);
             d = self.next[d as usize];
         }
         self.chain_len[id as usize] = 0;

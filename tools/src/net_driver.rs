@@ -12,6 +12,7 @@ use crate::sys;
 use crate::transport::{DeviceTransport, TransportError};
 use crate::vhost_user_front::{VhostUserFront, VhostUserFrontError};
 use crate::vhost_vdpa::{VhostVdpa, VhostVdpaError};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -200,7 +201,10 @@ pub struct NetDriver<T = TransportClient> {
     rx_buf_of_head: Vec<u32>,
     /// TX buffer of each in-flight chain, by token as for RX.
     tx_buf_of_head: Vec<u32>,
-    tx_free: Vec<u32>,
+    /// Free TX buffers, taken from the front and returned at the back: with in-order
+    /// completions each TX descriptor gets the same buffer every lap, so the descriptor
+    /// need not be rewritten.
+    tx_free: VecDeque<u32>,
     rx_unpublished: usize,
     rx_publish_batch: usize,
     tx_unpublished: usize,
@@ -608,7 +612,7 @@ impl<T: DeviceTransport> NetDriver<T> {
             tx_buf,
             rx_buf_of_head: vec![0; sizes[0] as usize],
             tx_buf_of_head: vec![0; sizes[1] as usize],
-            tx_free: (0..sizes[1] as u32).rev().collect(),
+            tx_free: (0..sizes[1] as u32).collect(),
             rx_unpublished: 0,
             rx_publish_batch: (sizes[0] as usize / 8).max(1),
             tx_unpublished: 0,
@@ -690,7 +694,7 @@ impl<T: DeviceTransport> NetDriver<T> {
         while let Some((head, _)) = self.tx.pop_used()? {
             match self.tx_buf_of_head.get(head as usize) {
                 Some(&b) if b & LENT_RX != 0 => self.post_rx(b & !LENT_RX)?,
-                Some(&b) => self.tx_free.push(b),
+                Some(&b) => self.tx_free.push_back(b),
                 None => {}
             }
         }
@@ -799,12 +803,12 @@ impl<T: DeviceTransport> NetDriver<T> {
         if self.tx_free.is_empty() || self.tx.free_descriptors() < 2 {
             self.reap_tx()?;
         }
-        let Some(buf) = self.tx_free.pop() else {
+        let Some(buf) = self.tx_free.pop_front() else {
             return Ok(false);
         };
         // The buffer a few frames on is probably still in the device's cache: ask for it now
         // so these copies do not wait for it then.
-        if let Some(&next) = self.tx_free.iter().rev().nth(PREFETCH_AHEAD - 1) {
+        if let Some(&next) = self.tx_free.get(PREFETCH_AHEAD - 1) {
             let at = self.tx_base + next as u64 * self.tx_buf + TX_TABLE;
             self.mem
                 .prefetch(GuestAddr(at), self.tx_buf - TX_TABLE, true);
@@ -852,7 +856,7 @@ impl<T: DeviceTransport> NetDriver<T> {
             }]),
         };
         let Some(head) = head else {
-            self.tx_free.push(buf);
+            self.tx_free.push_front(buf);
             return Ok(false);
         };
         if let Some(s) = self.tx_buf_of_head.get_mut(head as usize) {
