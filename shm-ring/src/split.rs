@@ -342,9 +342,8 @@ impl DeviceQueue {
     /// ownership: with a driver that reuses descriptors in ring order most used elements
     /// are already right and are not stored again (see `write_used_elem`), and taking the
     /// lines for writing would pull them from the driver for nothing. Returns how many
-    /// chains are available. Reads only
-    /// ring memory validated at setup; a hostile head index is masked (a wasted hint at
-    /// worst) and is checked for real by `pop`.
+    /// chains are available. Reads only ring memory validated at setup; a hostile head
+    /// index is masked (a wasted hint at worst) and is checked for real by `pop`.
     pub fn prefetch(&mut self, max: u16) -> Result<u16, RingError> {
         let n = self.available()?.min(max);
         let mask = self.rings.mask();
