@@ -140,21 +140,14 @@ impl Rings {
         self.u16_atomic(self.used, 4 + 8 * self.size as usize)
     }
 
-    /// Writes a used element unless it already holds those bytes. A driver that uses its
+    /// Writes a used element unless it already holds those bytes: a driver that uses its
     /// descriptors in ring order gets the same id and length in the same slot lap after
-    /// lap: skipping the store leaves the line shared in both caches, so neither side
-    /// pays a cross-core transfer for it (the driver reads the right value either way).
+    /// lap (see [`store_if_changed`]).
     fn write_used_elem(&self, slot: u16, id: u32, len: u32) {
         let off = 4 + 8 * (slot & self.mask()) as usize;
         let v = ((id as u64) | ((len as u64) << 32)).to_le_bytes();
-        // SAFETY: inside the used ring, 4-aligned; read and written as unaligned-tolerant
-        // byte arrays.
-        unsafe {
-            let p = self.used.as_ptr().add(off).cast::<[u8; 8]>();
-            if std::ptr::read_volatile(p) != v {
-                std::ptr::write_volatile(p, v)
-            }
-        }
+        // SAFETY: the 8 bytes at `off` are inside the used ring validated at setup.
+        unsafe { store_if_changed(self.used.as_ptr().add(off).cast(), v) }
     }
 
     fn read_used_elem(&self, slot: u16) -> (u32, u32) {
@@ -202,13 +195,23 @@ impl Descriptor {
         b[..8].copy_from_slice(&self.addr.to_le_bytes());
         b[8..].copy_from_slice(&hi.to_le_bytes());
         // SAFETY: callers bound `index` by the table length they validated. An unchanged
-        // descriptor (a buffer reposted in the same slot) is not stored again, so the line
-        // stays shared with the device's core instead of moving back and forth.
-        unsafe {
-            let p = table.as_ptr().add(index as usize * 16).cast::<[u8; 16]>();
-            if std::ptr::read_volatile(p) != b {
-                std::ptr::write_volatile(p, b)
-            }
+        // descriptor (a buffer reposted in the same slot) is not stored again.
+        unsafe { store_if_changed(table.as_ptr().add(index as usize * 16).cast(), b) }
+    }
+}
+
+/// Stores `v` at `p` unless `p` already holds those bytes. A store moves the line to the
+/// writer's core even when it changes nothing; skipping it leaves a line both sides read
+/// shared in both caches. The other side reads the right value either way.
+///
+/// # Safety
+/// `p` must be valid for reads and writes of `N` bytes (no alignment needed).
+unsafe fn store_if_changed<const N: usize>(p: *mut [u8; N], v: [u8; N]) {
+    // SAFETY: the caller's contract; `[u8; N]` has alignment 1. Guest memory is only ever
+    // accessed with volatile copies.
+    unsafe {
+        if std::ptr::read_volatile(p) != v {
+            std::ptr::write_volatile(p, v)
         }
     }
 }
@@ -596,7 +599,7 @@ impl DriverQueue {
         }
         let head = self.free[0];
         self.free.drain(..n);
-        self.chain_len[head as usize] = segs.len() as u16;
+        self.chain_len[head as usize] = n as u16;
         self.chains += 1;
         self.push_avail(head);
         Some(head)
