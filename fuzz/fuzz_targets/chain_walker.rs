@@ -164,6 +164,7 @@ fuzz_target!(|data: &[u8]| {
     let features = RingFeatures {
         event_idx: h[1] & 1 != 0,
         indirect: h[1] & 2 != 0,
+        in_order: false,
     };
     let raw = h[1] & 4 != 0;
     let addr = |i: usize, align: u64| {

@@ -223,6 +223,9 @@ pub struct RingFeatures {
     pub event_idx: bool,
     /// VIRTIO_F_INDIRECT_DESC.
     pub indirect: bool,
+    /// VIRTIO_F_IN_ORDER: buffers are used in the order they were made available. A packed
+    /// ring's device side then returns a run of read-only buffers with one used descriptor.
+    pub in_order: bool,
 }
 
 impl RingFeatures {
@@ -231,6 +234,7 @@ impl RingFeatures {
         RingFeatures {
             event_idx: features & (1 << 29) != 0,
             indirect: features & (1 << 28) != 0,
+            in_order: features & (1 << 35) != 0,
         }
     }
 }

@@ -279,32 +279,43 @@ fn ring_features_from_bits() {
         RingFeatures::from_bits(0),
         RingFeatures {
             event_idx: false,
-            indirect: false
+            indirect: false,
+            in_order: false
         }
     );
     assert_eq!(
         RingFeatures::from_bits(1 << 28),
         RingFeatures {
             event_idx: false,
-            indirect: true
+            indirect: true,
+            in_order: false
         }
     );
     assert_eq!(
         RingFeatures::from_bits(1 << 29),
         RingFeatures {
             event_idx: true,
-            indirect: false
+            indirect: false,
+            in_order: false
         }
     );
     assert_eq!(
         RingFeatures::from_bits(u64::MAX),
         RingFeatures {
             event_idx: true,
-            indirect: true
+            indirect: true,
+            in_order: true
         }
     );
     assert_eq!(
-        RingFeatures::from_bits(!((1 << 28) | (1 << 29))),
+        RingFeatures::from_bits(1 << 35),
+        RingFeatures {
+            in_order: true,
+            ..RingFeatures::default()
+        }
+    );
+    assert_eq!(
+        RingFeatures::from_bits(!((1 << 28) | (1 << 29) | (1 << 35))),
         RingFeatures::default(),
         "other bits do not matter"
     );

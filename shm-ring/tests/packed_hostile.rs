@@ -525,3 +525,46 @@ fn misaligned_unmapped_and_badly_sized_rings() {
         .unwrap();
     }
 }
+
+/// The same under IN_ORDER: a used id in flight but not the oldest stands for every buffer
+/// up to it (they come back oldest first, at length 0, the last with the length written);
+/// ids out of range, never added or already returned are still errors that move nothing.
+#[test]
+fn hostile_device_used_ids_in_order() {
+    let f = RingFeatures {
+        in_order: true,
+        ..NO_FEATURES
+    };
+    let rig = PackedRig::new(8);
+    let mut drv = rig.driver(f);
+    let seg = Segment {
+        addr: GuestAddr(rig.data),
+        len: 8,
+        writable: true,
+    };
+    let a = drv.add(&[seg, seg]).unwrap();
+    let b = drv.add(&[seg]).unwrap();
+    let c = drv.add(&[seg]).unwrap();
+    let d = drv.add(&[seg]).unwrap();
+    drv.publish();
+    let write_used = |i: u16, id: u16, len: u32| rig.write_desc(i, 0, len, id, used(true));
+    for id in [8u16, 0xffff, 7] {
+        write_used(0, id, 1);
+        assert_eq!(drv.pop_used().unwrap_err(), RingError::BadUsedId(id as u32));
+    }
+    assert_eq!(drv.in_flight(), 4);
+    // One descriptor at position 0 for a, b and c.
+    write_used(0, c, 5);
+    assert_eq!(drv.pop_used().unwrap(), Some((a, 0)));
+    assert_eq!(drv.pop_used().unwrap(), Some((b, 0)));
+    assert_eq!(drv.pop_used().unwrap(), Some((c, 5)));
+    assert_eq!(drv.pop_used().unwrap(), None, "position 4 not written yet");
+    // Position 4: an id already returned, then d.
+    write_used(4, b, 1);
+    assert_eq!(drv.pop_used().unwrap_err(), RingError::BadUsedId(b as u32));
+    write_used(4, d, 2);
+    assert_eq!(drv.pop_used().unwrap(), Some((d, 2)));
+    assert_eq!(drv.free_descriptors(), 8);
+    assert_eq!(drv.in_flight(), 0);
+    assert_eq!(drv.pop_used().unwrap(), None);
+}

@@ -9,6 +9,7 @@ use common::*;
 use packed_common::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
+use vmdev_shm_ring::split::RingFeatures;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -72,10 +73,12 @@ proptest! {
         size in prop_oneof![4 => 1u16..=12, 1 => 13u16..=300],
         event_idx in any::<bool>(),
         indirect in any::<bool>(),
+        in_order in any::<bool>(),
         seed in any::<u64>(),
         ops in vec(op(), 1..300),
     ) {
-        let mut h = PackedHarness::new(size, features(event_idx, indirect), seed);
+        let f = RingFeatures { in_order, ..features(event_idx, indirect) };
+        let mut h = PackedHarness::new(size, f, seed);
         run(&mut h, &ops, indirect);
         prop_assert_eq!(h.stats.added, h.stats.reaped);
         prop_assert_eq!(h.stats.popped, h.stats.reaped);
@@ -83,11 +86,22 @@ proptest! {
 }
 
 /// Hundreds of thousands of small chains through rings of size 1, 3 and 4: positions and
-/// wrap counters go round thousands of times, batches of every length straddle the end.
+/// wrap counters go round thousands of times, batches of every length straddle the end
+/// (also under IN_ORDER, where runs of read-only chains share one used descriptor).
 #[test]
 fn many_laps() {
-    for (size, chains) in [(3u16, 60_000u64), (1, 20_000), (4, 60_000)] {
-        let mut h = PackedHarness::new(size, ALL_FEATURES, size as u64);
+    for (size, chains, in_order) in [
+        (3u16, 60_000u64, false),
+        (1, 20_000, false),
+        (4, 60_000, false),
+        (3, 60_000, true),
+        (5, 60_000, true),
+    ] {
+        let f = RingFeatures {
+            in_order,
+            ..ALL_FEATURES
+        };
+        let mut h = PackedHarness::new(size, f, size as u64);
         while h.stats.added < chains {
             let k = h.rng.range(1, size as u64);
             for _ in 0..k {

@@ -575,3 +575,115 @@ fn driver_remap_keeps_chains_in_flight() {
     assert_eq!(drv.size(), 5);
     assert!(std::sync::Arc::ptr_eq(drv.memory(), &rig.dev_mem));
 }
+
+/// Under IN_ORDER a run of read-only chains completed with length 0 comes back as one used
+/// descriptor carrying the run's last id, written at the run's first position; a chain
+/// the device wrote into ends the run and gets its own. The driver hands every buffer back,
+/// oldest first, with the run's members at length 0.
+#[test]
+fn in_order_runs_of_read_only_chains_share_one_used_descriptor() {
+    let f = vmdev_shm_ring::split::RingFeatures {
+        in_order: true,
+        ..ALL_FEATURES
+    };
+    let rig = PackedRig::new(16);
+    let mut drv = rig.driver(f);
+    let mut dev = rig.device(f);
+    let seg = |i: u64, writable: bool| Segment {
+        addr: GuestAddr(rig.data + 64 * i),
+        len: 32,
+        writable,
+    };
+    // Three TX chains (one of them two descriptors long), one RX chain, two more TX.
+    let mut ids = vec![
+        drv.add(&[seg(0, false)]).unwrap(),
+        drv.add(&[seg(1, false), seg(2, false)]).unwrap(),
+        drv.add(&[seg(3, false)]).unwrap(),
+        drv.add(&[seg(4, true)]).unwrap(),
+    ];
+    ids.push(drv.add(&[seg(5, false)]).unwrap());
+    ids.push(drv.add(&[seg(6, false)]).unwrap());
+    drv.publish();
+    let mut chain = Chain::new();
+    for (i, &id) in ids.iter().enumerate() {
+        assert!(dev.pop(&mut chain).unwrap());
+        let len = if i == 3 { 7 } else { 0 };
+        dev.add_used(id, len).unwrap();
+    }
+    dev.publish_used();
+    // Positions: chains at 0, 1-2, 3, 4 (RX), 5, 6. Used descriptors: 0 (run of three,
+    // last id), 4 (RX), 5 (run of two). 1-3 and 6 still hold what the driver wrote.
+    let u = rig.desc_at(0);
+    assert_eq!((u.id, u.len, u.flags), (ids[2], 0, used(true)));
+    let u = rig.desc_at(4);
+    assert_eq!((u.id, u.len, u.flags), (ids[3], 7, used(true)));
+    let u = rig.desc_at(5);
+    assert_eq!((u.id, u.len, u.flags), (ids[5], 0, used(true)));
+    for i in [1, 2, 3, 6] {
+        assert_eq!(rig.desc_at(i).flags & used(true), avail(true), "slot {i}");
+    }
+    assert_eq!(dev.state().used_index, 7);
+    for (i, &id) in ids.iter().enumerate() {
+        let len = if i == 3 { 7 } else { 0 };
+        assert_eq!(drv.pop_used().unwrap(), Some((id, len)), "chain {i}");
+    }
+    assert_eq!(drv.pop_used().unwrap(), None);
+    assert_eq!(drv.free_descriptors(), 16);
+    assert_eq!(drv.state(), dev.state());
+
+    // Without IN_ORDER every chain gets its own used descriptor.
+    let rig = PackedRig::new(16);
+    let mut drv = rig.driver(ALL_FEATURES);
+    let mut dev = rig.device(ALL_FEATURES);
+    let a = drv.add(&[seg(0, false)]).unwrap();
+    let b = drv.add(&[seg(1, false)]).unwrap();
+    drv.publish();
+    for id in [a, b] {
+        assert!(dev.pop(&mut chain).unwrap());
+        dev.add_used(id, 0).unwrap();
+    }
+    dev.publish_used();
+    assert_eq!(rig.desc_at(1).id, b);
+    assert_eq!(rig.desc_at(1).flags, used(true));
+    assert_eq!(drv.pop_used().unwrap(), Some((a, 0)));
+    assert_eq!(drv.pop_used().unwrap(), Some((b, 0)));
+}
+
+/// A device that completes out of pop order under IN_ORDER gets no shared descriptor: each
+/// chain keeps its own, so nothing is freed on the driver's behalf by mistake.
+#[test]
+fn in_order_runs_form_only_in_pop_order() {
+    let f = vmdev_shm_ring::split::RingFeatures {
+        in_order: true,
+        ..ALL_FEATURES
+    };
+    let rig = PackedRig::new(8);
+    let mut drv = rig.driver(f);
+    let mut dev = rig.device(f);
+    let seg = |i: u64| Segment {
+        addr: GuestAddr(rig.data + 64 * i),
+        len: 8,
+        writable: false,
+    };
+    let ids: Vec<u16> = (0..3).map(|i| drv.add(&[seg(i)]).unwrap()).collect();
+    drv.publish();
+    let mut chain = Chain::new();
+    for _ in 0..3 {
+        assert!(dev.pop(&mut chain).unwrap());
+    }
+    for id in [ids[1], ids[0], ids[2]] {
+        dev.add_used(id, 0).unwrap();
+    }
+    dev.publish_used();
+    let written: Vec<(u16, u16)> = (0..3)
+        .map(|i| (rig.desc_at(i).id, rig.desc_at(i).flags))
+        .collect();
+    assert_eq!(
+        written,
+        vec![
+            (ids[1], used(true)),
+            (ids[0], used(true)),
+            (ids[2], used(true))
+        ]
+    );
+}

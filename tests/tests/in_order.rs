@@ -1,7 +1,9 @@
 //! VIRTIO_F_IN_ORDER through the real daemons: the net-loopback offers it, and vmdev's own
-//! driver, negotiating it, refuses any buffer the device returns before one made available
-//! earlier (RingError::OutOfOrder). Split and packed rings, mixed TX layouts, frames spread
-//! over several RX buffers, and frames dropped for want of RX buffers.
+//! driver negotiates it. On split rings the driver refuses any buffer the device returns
+//! before one made available earlier (RingError::OutOfOrder); on packed rings the device
+//! returns each run of TX buffers with one used descriptor and the driver hands them back
+//! one by one. Mixed TX layouts, frames spread over several RX buffers, and frames dropped
+//! for want of RX buffers.
 
 use std::time::Duration;
 use vmdev_proto::virtio::features as f;

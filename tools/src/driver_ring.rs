@@ -65,8 +65,12 @@ impl DriverRing {
 
     /// Holds the device to VIRTIO_F_IN_ORDER (negotiated): from now on [`DriverRing::pop_used`]
     /// refuses a chain returned before one made available earlier. Call before adding chains.
+    /// A packed ring needs no check here: under IN_ORDER its queue reads a used id as
+    /// covering every chain up to it, and returns them oldest first.
     pub fn expect_in_order(&mut self) {
-        self.in_order = Some(VecDeque::with_capacity(self.size() as usize));
+        if !self.is_packed() {
+            self.in_order = Some(VecDeque::with_capacity(self.size() as usize));
+        }
     }
 
     /// Whether this is a packed ring.

@@ -129,8 +129,9 @@ pub struct NetDriverConfig {
     /// queue size, not only powers of two). Over the vmdev protocol and vhost-user; refused
     /// over vhost-vdpa ([`NetDriver::open_vhost_vdpa`]).
     pub packed: bool,
-    /// Negotiate VIRTIO_F_IN_ORDER if offered, and then refuse a device that returns a
-    /// buffer before one made available earlier (a [`RingError::OutOfOrder`]).
+    /// Negotiate VIRTIO_F_IN_ORDER if offered. A split ring then refuses a device that
+    /// returns a buffer before one made available earlier (a [`RingError::OutOfOrder`]); a
+    /// packed ring reads such a used id as covering every buffer up to it, as the spec says.
     pub in_order: bool,
 }
 

@@ -16,16 +16,19 @@ pub const MEM_SIZE: u64 = 2 << 20;
 pub const NO_FEATURES: RingFeatures = RingFeatures {
     event_idx: false,
     indirect: false,
+    in_order: false,
 };
 pub const ALL_FEATURES: RingFeatures = RingFeatures {
     event_idx: true,
     indirect: true,
+    in_order: false,
 };
 
 pub fn features(event_idx: bool, indirect: bool) -> RingFeatures {
     RingFeatures {
         event_idx,
         indirect,
+        in_order: false,
     }
 }
 

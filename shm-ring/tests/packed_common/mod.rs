@@ -214,6 +214,8 @@ pub struct PackedHarness {
     used_unpublished: VecDeque<Done>,
     used_published: VecDeque<Done>,
     chain_pool: Vec<Chain>,
+    /// VIRTIO_F_IN_ORDER: the device completes the oldest held chain first.
+    in_order: bool,
 }
 
 impl PackedHarness {
@@ -234,6 +236,7 @@ impl PackedHarness {
             used_unpublished: VecDeque::new(),
             used_published: VecDeque::new(),
             chain_pool: Vec::new(),
+            in_order: features.in_order,
             rig,
         }
     }
@@ -439,14 +442,19 @@ impl PackedHarness {
         assert_eq!(&buf[..n], &sent.readable[off..off + n]);
     }
 
-    /// Completes up to `max` held chains in random order; publishes when asked.
+    /// Completes up to `max` held chains, in random order (under IN_ORDER: oldest first);
+    /// publishes when asked.
     pub fn device_complete(&mut self, max: usize, publish: bool) {
         for _ in 0..max {
             if self.popped.is_empty() {
                 break;
             }
-            let i = self.rng.below(self.popped.len() as u64) as usize;
-            let (sent, chain) = self.popped.swap_remove(i);
+            let (sent, chain) = if self.in_order {
+                self.popped.remove(0)
+            } else {
+                let i = self.rng.below(self.popped.len() as u64) as usize;
+                self.popped.swap_remove(i)
+            };
             let len = self.rng.range(0, sent.writable_len as u64) as usize;
             let written = self.rng.bytes(len);
             let cut = self.rng.range(0, len as u64) as usize;
