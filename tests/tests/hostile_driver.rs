@@ -48,7 +48,8 @@ fn stream(mut drv: NetDriver, stop: Arc<AtomicBool>) -> StreamResult {
     let mut last = Instant::now();
     let mut run = || -> Result<(), String> {
         loop {
-            let stopping = stop.load(Ordering::Acquire);
+            // However short the attack, the stream carries frames before it stops.
+            let stopping = stop.load(Ordering::Acquire) && got > 0;
             if stopping && got == sent {
                 return Ok(());
             }
