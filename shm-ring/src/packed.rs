@@ -684,9 +684,10 @@ impl PackedDeviceQueue {
     /// Under VIRTIO_F_IN_ORDER, a read-only buffer (`len` 0) that follows another one in
     /// the same unpublished batch, at the very next position, writes no descriptor of its
     /// own: it takes over the used descriptor of that run (its id replaces the one there),
-    /// as the spec allows. The driver then frees every buffer up to that id. Each used
-    /// descriptor moves a cache line to this core and back to the driver's; a run of
-    /// eight transmitted frames now costs one line instead of two.
+    /// as the spec allows and DPDK's vhost does. The driver then frees every buffer up to
+    /// that id. A run of eight transmitted frames writes one descriptor line instead of
+    /// two; on the 2-core test machine that measured level, so this is here for drivers
+    /// to be tested against, not for speed (perf/RESULTS.md, 2026-12-05 evening).
     pub fn add_used(&mut self, id: u16, len: u32) -> Result<(), RingError> {
         let n = match self.in_flight.get(id as usize) {
             Some(&n) if n > 0 => n,

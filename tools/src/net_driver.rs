@@ -815,7 +815,8 @@ impl<T: DeviceTransport> NetDriver<T> {
         } else if self.tx.in_flight() >= self.rx_publish_batch {
             // Once a batch is out, one buffer back per frame sent: a sender that waited for
             // the ring to run dry would pay for a whole ring's completions in one frame
-            // (4-13 µs every 256 frames, the latency tail of `vmdev-perf latency`).
+            // (4-6 µs every 256th frame in the quiet mode: all of `vmdev-perf latency`'s
+            // p99.9).
             self.reap_tx_upto(1)?;
         }
         let Some(buf) = self.tx_free.pop_front() else {
