@@ -187,6 +187,32 @@ impl Chain {
         done
     }
 
+    /// As [`Chain::write_at`], but leaves the bytes alone when they already hold `data`
+    /// (checked when `data`, at most 64 bytes, lies in one segment). A store moves the cache
+    /// line to this core even when it changes nothing; a virtio-net header is the same
+    /// frame after frame, and the driver reads it from its own cache when nobody wrote it.
+    pub fn write_at_if_changed(&self, offset: usize, data: &[u8]) -> usize {
+        let mut off = offset;
+        for s in &self.segs[self.readable..] {
+            let len = s.len as usize;
+            if off >= len {
+                off -= len;
+                continue;
+            }
+            if data.len() <= 64 && data.len() <= len - off {
+                let mut old = [0u8; 64];
+                // SAFETY: `off + data.len() <= len` inside a segment translated within a
+                // live mapping (kept alive by `self.mem`), copied out as bytes.
+                unsafe { std::ptr::copy(s.ptr.as_ptr().add(off), old.as_mut_ptr(), data.len()) };
+                if old[..data.len()] == *data {
+                    return data.len();
+                }
+            }
+            break;
+        }
+        self.write_at(offset, data)
+    }
+
     /// Copies all readable bytes of `self` into the writable segments of `dst`, segment to
     /// segment with no bounce buffer. Returns the bytes copied, or `None` (copying nothing)
     /// when they do not fit.
@@ -200,10 +226,16 @@ impl Chain {
     /// Copies readable bytes of `self` from `offset` on into the writable segments of
     /// `dst`, as many as fit; returns the count (for frames spread over several buffers).
     pub fn copy_part_to(&self, offset: u32, dst: &Chain) -> u32 {
+        self.copy_part_to_at(offset, dst, 0)
+    }
+
+    /// As [`Chain::copy_part_to`], into the writable part of `dst` from byte `dst_offset`
+    /// on.
+    pub fn copy_part_to_at(&self, offset: u32, dst: &Chain, dst_offset: u32) -> u32 {
         let mut skip = offset as usize;
         let mut dsegs = dst.segs[dst.readable..].iter();
         let mut d = dsegs.next().copied();
-        let mut d_off = 0usize;
+        let mut d_off = dst_offset as usize;
         let mut done = 0usize;
         for s in &self.segs[..self.readable] {
             let s_len = s.len as usize;
@@ -217,12 +249,12 @@ impl Chain {
                 let Some(cur) = d else {
                     return done as u32;
                 };
-                let room = cur.len as usize - d_off;
-                if room == 0 {
+                if d_off >= cur.len as usize {
+                    d_off -= cur.len as usize;
                     d = dsegs.next().copied();
-                    d_off = 0;
                     continue;
                 }
+                let room = cur.len as usize - d_off;
                 let n = room.min(s_len - s_off);
                 // SAFETY: both ranges were translated within live mappings kept alive by
                 // the chains' `mem`, and `s_off + n <= s.len`, `d_off + n <= cur.len`;
