@@ -132,6 +132,56 @@ proptest! {
         }
     }
 
+    /// write_at_if_changed leaves memory as write_at would (whether or not the bytes were
+    /// already there), and copy_part_to_at copies like slicing both concatenations, from any
+    /// source offset to any destination offset.
+    #[test]
+    fn write_if_changed_and_copy_between_offsets(
+        src_r in seg_lens(6, 40).prop_filter("non-empty", |v| !v.is_empty()),
+        dst_w in seg_lens(6, 40).prop_filter("non-empty", |v| !v.is_empty()),
+        src_off in 0u32..200,
+        dst_off in 0u32..200,
+        woff in 0usize..200,
+        wlen in 0usize..80,
+        same in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let rig = Rig::new(16);
+        let mut drv = rig.driver(ALL_FEATURES);
+        let mut dev = rig.device(ALL_FEATURES);
+        let mut rng = common::Rng::new(seed);
+        rig.drv_mem.write(GuestAddr(rig.data), &[SENT; 0x2000]).unwrap();
+        let r: Vec<(u32, bool)> = src_r.iter().map(|&l| (l, false)).collect();
+        let w: Vec<(u32, bool)> = dst_w.iter().map(|&l| (l, true)).collect();
+        let (src, sp) = make_chain(&mut drv, &mut dev, &r, false, rig.data, 2);
+        let (dst, dp) = make_chain(&mut drv, &mut dev, &w, false, rig.data + 0x1000, 2);
+        let src_bytes = rng.bytes(src.readable_len() as usize);
+        fill(&rig, &sp, false, &src_bytes);
+        let mut model = vec![SENT; dst.writable_len() as usize];
+
+        let start = woff.min(model.len());
+        let room = model.len() - start;
+        let data = if same {
+            model[start..start + wlen.min(room)].to_vec()
+        } else {
+            rng.bytes(wlen)
+        };
+        let n = dst.write_at_if_changed(woff, &data);
+        prop_assert_eq!(n, room.min(data.len()));
+        model[start..start + n].copy_from_slice(&data[..n]);
+        prop_assert_eq!(gather(&rig, &dp, true), model.clone());
+
+        let (so, d0) = (src_off as usize, dst_off as usize);
+        let n = src.copy_part_to_at(src_off, &dst, dst_off) as usize;
+        let expect = src_bytes.len().saturating_sub(so).min(model.len().saturating_sub(d0));
+        prop_assert_eq!(n, expect);
+        if n > 0 {
+            model[d0..d0 + n].copy_from_slice(&src_bytes[so..so + n]);
+        }
+        prop_assert_eq!(gather(&rig, &dp, true), model);
+        prop_assert_eq!(gather(&rig, &sp, false), src_bytes);
+    }
+
     /// read_at and write_at behave like slicing the concatenation of the segments.
     #[test]
     fn read_and_write_at_any_offset(
