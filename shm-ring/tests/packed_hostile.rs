@@ -531,10 +531,7 @@ fn misaligned_unmapped_and_badly_sized_rings() {
 /// ids out of range, never added or already returned are still errors that move nothing.
 #[test]
 fn hostile_device_used_ids_in_order() {
-    let f = RingFeatures {
-        in_order: true,
-        ..NO_FEATURES
-    };
+    let f = with_in_order(NO_FEATURES, true);
     let rig = PackedRig::new(8);
     let mut drv = rig.driver(f);
     let seg = Segment {

@@ -9,7 +9,6 @@ use common::*;
 use packed_common::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
-use vmdev_shm_ring::split::RingFeatures;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -77,7 +76,7 @@ proptest! {
         seed in any::<u64>(),
         ops in vec(op(), 1..300),
     ) {
-        let f = RingFeatures { in_order, ..features(event_idx, indirect) };
+        let f = with_in_order(features(event_idx, indirect), in_order);
         let mut h = PackedHarness::new(size, f, seed);
         run(&mut h, &ops, indirect);
         prop_assert_eq!(h.stats.added, h.stats.reaped);
@@ -97,10 +96,7 @@ fn many_laps() {
         (3, 60_000, true),
         (5, 60_000, true),
     ] {
-        let f = RingFeatures {
-            in_order,
-            ..ALL_FEATURES
-        };
+        let f = with_in_order(ALL_FEATURES, in_order);
         let mut h = PackedHarness::new(size, f, size as u64);
         while h.stats.added < chains {
             let k = h.rng.range(1, size as u64);

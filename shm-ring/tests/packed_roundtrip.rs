@@ -582,10 +582,7 @@ fn driver_remap_keeps_chains_in_flight() {
 /// oldest first, with the run's members at length 0.
 #[test]
 fn in_order_runs_of_read_only_chains_share_one_used_descriptor() {
-    let f = vmdev_shm_ring::split::RingFeatures {
-        in_order: true,
-        ..ALL_FEATURES
-    };
+    let f = with_in_order(ALL_FEATURES, true);
     let rig = PackedRig::new(16);
     let mut drv = rig.driver(f);
     let mut dev = rig.device(f);
@@ -653,10 +650,7 @@ fn in_order_runs_of_read_only_chains_share_one_used_descriptor() {
 /// chain keeps its own, so nothing is freed on the driver's behalf by mistake.
 #[test]
 fn in_order_runs_form_only_in_pop_order() {
-    let f = vmdev_shm_ring::split::RingFeatures {
-        in_order: true,
-        ..ALL_FEATURES
-    };
+    let f = with_in_order(ALL_FEATURES, true);
     let rig = PackedRig::new(8);
     let mut drv = rig.driver(f);
     let mut dev = rig.device(f);

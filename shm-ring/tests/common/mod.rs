@@ -32,6 +32,11 @@ pub fn features(event_idx: bool, indirect: bool) -> RingFeatures {
     }
 }
 
+/// `f` with VIRTIO_F_IN_ORDER set to `in_order`.
+pub fn with_in_order(f: RingFeatures, in_order: bool) -> RingFeatures {
+    RingFeatures { in_order, ..f }
+}
+
 /// Maps regions `(guest_addr, size)` twice; each region is its own sealed memfd, and the
 /// second mapping uses a dup of the fd (`try_clone`), like a second process would.
 pub fn map_twice(regions: &[(u64, u64)]) -> (Arc<GuestMemory>, Arc<GuestMemory>) {
