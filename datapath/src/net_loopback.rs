@@ -117,7 +117,7 @@ impl NetLoopback {
             if !tx.ring.pop(c)? {
                 break;
             }
-            c.prefetch();
+            c.prefetch_readable();
             n += 1;
         }
         if n == 0 {
@@ -223,7 +223,9 @@ impl NetLoopback {
                     "a receive buffer must be device-writable only",
                 ));
             }
-            c.prefetch();
+            // The header is read and stored only where it changed; the frame is written.
+            let keep = if k == 0 { HDR_LEN as u32 } else { 0 };
+            c.prefetch_writable(keep, total - room);
             room = room.saturating_add(c.writable_len());
             k += 1;
         }

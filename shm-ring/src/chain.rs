@@ -117,28 +117,41 @@ impl Chain {
         self.segs.len()
     }
 
-    /// Asks the cache for the first bytes of the chain's first readable and first writable
-    /// buffers (the 12-byte virtio-net header and a short frame), so that a batch's misses
-    /// overlap instead of stalling one copy after another.
+    /// Asks the cache for the first bytes of the chain's first readable buffer (the
+    /// 12-byte virtio-net header and a short frame), so that a batch's misses overlap
+    /// instead of stalling one copy after another.
     #[inline]
-    pub fn prefetch(&self) {
-        if let Some(s) = self.segs.first() {
-            if self.readable > 0 {
-                crate::prefetch::read(s.ptr.as_ptr());
-                crate::prefetch::read(
-                    s.ptr
-                        .as_ptr()
-                        .wrapping_add((s.len.min(128) as usize).saturating_sub(1)),
-                );
-            }
+    pub fn prefetch_readable(&self) {
+        if let Some(s) = self.segs.first().filter(|_| self.readable > 0) {
+            let p = s.ptr.as_ptr();
+            crate::prefetch::read(p);
+            crate::prefetch::read(p.wrapping_add((s.len.min(128) as usize).saturating_sub(1)));
         }
-        if let Some(s) = self.segs.get(self.readable) {
-            crate::prefetch::write(s.ptr.as_ptr());
-            crate::prefetch::write(
-                s.ptr
-                    .as_ptr()
-                    .wrapping_add((s.len.min(128) as usize).saturating_sub(1)),
-            );
+    }
+
+    /// Asks the cache for the lines of the first writable buffer that a device is about to
+    /// fill with `len` bytes, of which it first reads the leading `keep` (to store them
+    /// only where they changed). A line holding only those is fetched for reading, so a
+    /// line the driver also reads stays shared by both cores; the rest (up to 256 bytes)
+    /// for writing.
+    #[inline]
+    pub fn prefetch_writable(&self, keep: u32, len: u32) {
+        let Some(s) = self.segs.get(self.readable) else {
+            return;
+        };
+        let p = s.ptr.as_ptr();
+        let end = len.min(s.len).min(256) as usize;
+        // A kept line that is also written is fetched for writing only: a read first would
+        // take a second transaction to upgrade it.
+        let line = |at: usize| (p as usize).wrapping_add(at) / 64;
+        if keep > 0 && line(0) != line(keep as usize) {
+            crate::prefetch::read(p);
+        }
+        let mut at = keep as usize;
+        while at < end {
+            crate::prefetch::write(p.wrapping_add(at));
+            // On to the first byte of the next line.
+            at += 64 - (p as usize).wrapping_add(at) % 64;
         }
     }
 
