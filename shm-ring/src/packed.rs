@@ -442,14 +442,17 @@ pub struct PackedDeviceQueue {
     held: usize,
     /// Recent pops, newest last: (id, first position), for `unpop`. Capacity `size`.
     pop_log: VecDeque<(u16, Pos)>,
-    /// First used descriptor of the unpublished batch: (index, flags), stored last.
-    batch_head: Option<(u16, u16)>,
+    /// The unpublished batch's used descriptors (index, len, id, flags), written to the
+    /// ring together at publish, the first one's flags last: the driver spins on the
+    /// batch's first line, and descriptors stored into it one at a time, with copies in
+    /// between, would pull that line across and back once per store.
+    staged: Vec<(u16, u32, u16, u16)>,
     /// Descriptors the unpublished batch covers (for dirty logging).
     batch_descs: u32,
     batch_start: u16,
-    /// Under IN_ORDER: the used descriptor (ring index) that stands for the run of
-    /// read-only buffers (length 0) completed last in the unpublished batch.
-    zero_run: Option<u16>,
+    /// Under IN_ORDER: whether the last staged used descriptor stands for a run of
+    /// read-only buffers (length 0) that the next such buffer may join.
+    zero_run: bool,
     /// Used descriptors advanced since the last notification check, and whether there was one.
     used_since_check: u32,
     checked: bool,
@@ -484,10 +487,10 @@ impl PackedDeviceQueue {
             popped_at: vec![0; size as usize],
             held: 0,
             pop_log: VecDeque::with_capacity(size as usize),
-            batch_head: None,
+            staged: Vec::with_capacity(size as usize),
             batch_descs: 0,
             batch_start: 0,
-            zero_run: None,
+            zero_run: false,
             used_since_check: 0,
             checked: false,
             event_off_wrap: 0,
@@ -532,9 +535,9 @@ impl PackedDeviceQueue {
         self.in_flight.fill(0);
         self.held = 0;
         self.pop_log.clear();
-        self.batch_head = None;
+        self.staged.clear();
         self.batch_descs = 0;
-        self.zero_run = None;
+        self.zero_run = false;
         self.used_since_check = 0;
         self.checked = false;
         Ok(())
@@ -698,20 +701,19 @@ impl PackedDeviceQueue {
         let pos = self.next_used;
         let in_order_zero =
             self.features.in_order && len == 0 && self.popped_at[id as usize] == pos.index;
-        if let (true, Some(run)) = (in_order_zero, self.zero_run) {
-            self.rings.write_used_body(run, 0, id);
+        if in_order_zero && self.zero_run {
+            // The run's descriptor is the last one staged.
+            if let Some(last) = self.staged.last_mut() {
+                last.2 = id;
+            }
             self.advance_used(n);
             return Ok(());
         }
-        self.zero_run = in_order_zero.then_some(pos.index);
-        self.rings.write_used_body(pos.index, len, id);
-        let flags = used_bits(pos.wrap);
-        if self.batch_head.is_none() {
-            self.batch_head = Some((pos.index, flags));
+        self.zero_run = in_order_zero;
+        if self.staged.is_empty() {
             self.batch_start = pos.index;
-        } else {
-            self.rings.flags(pos.index).store(flags, Ordering::Relaxed);
         }
+        self.staged.push((pos.index, len, id, used_bits(pos.wrap)));
         self.advance_used(n);
         Ok(())
     }
@@ -723,14 +725,21 @@ impl PackedDeviceQueue {
         self.next_used.advance(n, self.rings.size);
     }
 
-    /// Makes every used buffer added so far visible with one release store: the flags of
-    /// the batch's first used descriptor, written after all the others.
+    /// Writes the used descriptors added so far, back to back, and makes them visible with
+    /// one release store: the flags of the batch's first, written after all the others.
     pub fn publish_used(&mut self) {
-        self.zero_run = None;
-        if let Some((index, flags)) = self.batch_head.take() {
-            self.rings.flags(index).store(flags, Ordering::Release);
-            self.mark_batch();
+        self.zero_run = false;
+        let Some(&(head, len, id, head_flags)) = self.staged.first() else {
+            return;
+        };
+        self.rings.write_used_body(head, len, id);
+        for &(index, len, id, flags) in &self.staged[1..] {
+            self.rings.write_used_body(index, len, id);
+            self.rings.flags(index).store(flags, Ordering::Relaxed);
         }
+        self.rings.flags(head).store(head_flags, Ordering::Release);
+        self.staged.clear();
+        self.mark_batch();
     }
 
     /// Logs the descriptors the batch wrote into (when dirty logging is on).
