@@ -6,7 +6,8 @@
 # (each second from the 3rd). C: vmdev's own driver (vmdev-perf throughput) on CPU 1,
 # copying every frame in and out; D: the same on packed rings; E: the same driver forwarding
 # like testpmd's io mode (32 frames circulate, no copy in the driver: the like-for-like
-# counterpart of A's client).
+# counterpart of A's client); F: B with packed virtqueues (virtio-user `packed_vq=1`), to
+# set against B for packed vs split with the same driver.
 # Prints each run's median and, over every second of every run, p10 / p50 / p90 per column
 # and their ratios to A.
 #
@@ -29,12 +30,12 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 
-# client SOCK SIZE -> prints the Rx-pps of each second from the 3rd, SECS-3 of them (the
+# client SOCK SIZE [VDEV_EXTRA] -> prints the Rx-pps of each second from the 3rd, SECS-3 of them (the
 # first two ramp up, the last ones wind down when testpmd's stdin closes).
 client() {
-  local sock=$1 size=$2 out=$W/client.log
+  local sock=$1 size=$2 extra=${3:-} out=$W/client.log
   sleep "$SECS" | timeout $((SECS + 30)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci --no-huge -m 1024 \
-    --file-prefix=vmdev-cmp-vu --vdev "net_virtio_user0,path=$sock,queues=1" -- \
+    --file-prefix=vmdev-cmp-vu --vdev "net_virtio_user0,path=$sock,queues=1$extra" -- \
     --forward-mode=io --auto-start --tx-first --nb-cores=1 --txpkts="$size" \
     --total-num-mbufs=4096 --stats-period 1 >"$out" 2>&1 || true
   grep -o 'Rx-pps: *[0-9]*' "$out" | awk '{print $2}' | tail -n +3 | head -n $((SECS - 3))
@@ -55,7 +56,7 @@ run_dpdk() {
 }
 
 run_vmdev() {
-  local size=$1 run=$W/run sock=$W/run/vu.sock
+  local size=$1 extra=${2:-} run=$W/run sock=$W/run/vu.sock
   mkdir -p "$run"
   VMDEV_LOG=warn "$B/vmdev-control" --run-dir "$run" & local ctl=$!; PIDS+=("$ctl")
   for _ in $(seq 100); do [ -S "$run/control.sock" ] && break; sleep 0.05; done
@@ -63,7 +64,7 @@ run_vmdev() {
   for _ in $(seq 100); do "$B/vmdevctl" --run-dir "$run" types 2>/dev/null | grep -q '^dp0' && break; sleep 0.05; done
   "$B/vmdevctl" --run-dir "$run" start -p dp0 -t net-loopback --vhost-user "$sock" \
     --attr unsealed-memory=accept >/dev/null
-  client "$sock" "$size"
+  client "$sock" "$size" "$extra"
   kill "$ctl" 2>/dev/null; wait "$ctl" "$dp" 2>/dev/null || true
   rm -rf "$run"
 }
@@ -113,7 +114,8 @@ echo "B: vmdev door      testpmd virtio-user (io, tx_first) on CPU 1 -> vmdev vh
 echo "C: vmdev own       vmdev-perf throughput (vmdev's driver, vmdev protocol) on CPU 1 -> vmdev-datapath on CPU 0"
 echo "D: vmdev packed    as C with packed virtqueues (--packed)"
 echo "E: vmdev own, io   as C, forwarding like testpmd io after tx_first: 32 frames circulate, no copy in the driver (--forward 32)"
-echo "$RUNS runs x ${SECS}s each, back to back (A B C D E A B C D E ...), shm floor before and after each"
+echo "F: vmdev door, packed   as B with packed virtqueues (virtio-user packed_vq=1)"
+echo "$RUNS runs x ${SECS}s each, back to back (A B C D E F A B ...), shm floor before and after each"
 : >"$W/secs.txt"
 for size in $SIZES; do
   for _ in $(seq "$RUNS"); do
@@ -122,6 +124,7 @@ for size in $SIZES; do
     measure "$size" C run_vmdev_own "$size"
     measure "$size" D run_vmdev_own "$size" --packed
     measure "$size" E run_vmdev_own "$size" "--forward 32"
+    measure "$size" F run_vmdev "$size" ,packed_vq=1
   done
 done
 
@@ -143,8 +146,8 @@ awk '
     for (s = 1; s <= ns; s++) {
       size = sizes[s]; ka = size SUBSEP "A"
       if (n[ka]) { a10 = pct(ka, .1); a50 = pct(ka, .5); a90 = pct(ka, .9) }
-      for (c = 1; c <= 5; c++) {
-        col = substr("ABCDE", c, 1); k = size SUBSEP col
+      for (c = 1; c <= 6; c++) {
+        col = substr("ABCDEF", c, 1); k = size SUBSEP col
         if (!n[k]) continue
         x10 = pct(k, .1); x50 = pct(k, .5); x90 = pct(k, .9)
         r = (col == "A" || !n[ka]) ? "" : sprintf("%.2f / %.2f / %.2f", x10 / a10, x50 / a50, x90 / a90)
