@@ -9,7 +9,7 @@
 # counterpart of A's client); F: B with packed virtqueues (virtio-user `packed_vq=1`), to
 # set against B for packed vs split with the same driver.
 # Prints each run's median and, over every second of every run, p10 / p50 / p90 per column
-# and their ratios to A.
+# and their ratios to A; then each run's median over the A run of its round (same minute).
 #
 # This machine flips, within seconds, between a quiet mode and a slow mode in which every
 # cross-core cache miss costs ~3-4x (the shared-memory ping-pong floor jumps between ~120 and
@@ -102,9 +102,10 @@ measure() {
   rates=$("$@")
   f1=$(floor)
   printf '%s\n' "$rates" | awk -v s="$size" -v c="$col" 'NF {print s, c, $1}' >>"$W/secs.txt"
-  printf '%s\n' "$rates" | sort -n | awk -v s="$size" -v c="$col" -v f0="$f0" -v f1="$f1" '
+  printf '%s\n' "$rates" | sort -n | awk -v s="$size" -v c="$col" -v f0="$f0" -v f1="$f1" -v runs="$W/runs.txt" '
     NF {a[++n] = $1}
-    END {printf "  run: %-5s %s  median %5.2f Mframes/s over %d s (%5.2f-%5.2f)   shm floor %4d -> %4d ns\n",
+    END {if (n) print s, c, a[int((n + 1) / 2)] >>runs
+      printf "  run: %-5s %s  median %5.2f Mframes/s over %d s (%5.2f-%5.2f)   shm floor %4d -> %4d ns\n",
       s, c, n ? a[int((n + 1) / 2)] / 1e6 : 0, n, n ? a[1] / 1e6 : 0, n ? a[n] / 1e6 : 0, f0, f1}'
 }
 
@@ -116,7 +117,7 @@ echo "D: vmdev packed    as C with packed virtqueues (--packed)"
 echo "E: vmdev own, io   as C, forwarding like testpmd io after tx_first: 32 frames circulate, no copy in the driver (--forward 32)"
 echo "F: vmdev door, packed   as B with packed virtqueues (virtio-user packed_vq=1)"
 echo "$RUNS runs x ${SECS}s each, back to back (A B C D E F A B ...), shm floor before and after each"
-: >"$W/secs.txt"
+: >"$W/secs.txt"; : >"$W/runs.txt"
 for size in $SIZES; do
   for _ in $(seq "$RUNS"); do
     measure "$size" A run_dpdk "$size"
@@ -155,3 +156,22 @@ awk '
       }
     }
   }' "$W/secs.txt"
+
+# The same minute: each run's median over the median of the A run of its round (the runs
+# of a round are back to back, so both met the machine in the same mode, most of the time).
+echo
+echo "each run's median over that round's A run (same minute), and the median of those ratios"
+awk '
+  { k = $1 SUBSEP $2; r = ++n[k]; m[k, r] = $3; if (!($1 in seen)) { seen[$1] = 1; sizes[++ns] = $1 } }
+  END {
+    for (s = 1; s <= ns; s++) {
+      size = sizes[s]; ka = size SUBSEP "A"
+      for (c = 2; c <= 6; c++) {
+        col = substr("ABCDEF", c, 1); k = size SUBSEP col; line = ""; cnt = 0
+        for (r = 1; r <= n[k] && r <= n[ka]; r++) if (m[ka, r] > 0) { x[++cnt] = m[k, r] / m[ka, r]; line = line sprintf(" %.2f", x[cnt]) }
+        if (!cnt) continue
+        for (i = 2; i <= cnt; i++) { t = x[i]; for (j = i - 1; j >= 1 && x[j] > t; j--) x[j + 1] = x[j]; x[j + 1] = t }
+        printf "%-6s %-4s per run:%s   median %.2f\n", size, col, line, x[int((cnt + 1) / 2)]
+      }
+    }
+  }' "$W/runs.txt"
