@@ -427,6 +427,15 @@ impl PackedDescriptor {
 /// The device side of a packed queue: pops validated chains, returns used buffers, and
 /// decides notifications. Everything it reads from the ring is checked before use.
 ///
+/// A used descriptor the device side has recorded and not yet written to the ring.
+#[derive(Clone, Copy)]
+struct StagedUsed {
+    index: u16,
+    len: u32,
+    id: u16,
+    flags: u16,
+}
+
 /// A malformed chain is an error that leaves the queue where it was: the same error comes
 /// back on every later pop (the device needs a reset).
 pub struct PackedDeviceQueue {
@@ -442,14 +451,13 @@ pub struct PackedDeviceQueue {
     held: usize,
     /// Recent pops, newest last: (id, first position), for `unpop`. Capacity `size`.
     pop_log: VecDeque<(u16, Pos)>,
-    /// The unpublished batch's used descriptors (index, len, id, flags), written to the
-    /// ring together at publish, the first one's flags last: the driver spins on the
-    /// batch's first line, and descriptors stored into it one at a time, with copies in
-    /// between, would pull that line across and back once per store.
-    staged: Vec<(u16, u32, u16, u16)>,
+    /// The unpublished batch's used descriptors, written to the ring together at publish,
+    /// the first one's flags last: the driver spins on the batch's first line, and
+    /// descriptors stored into it one at a time, with copies in between, would pull that
+    /// line across and back once per store.
+    staged: Vec<StagedUsed>,
     /// Descriptors the unpublished batch covers (for dirty logging).
     batch_descs: u32,
-    batch_start: u16,
     /// Under IN_ORDER: whether the last staged used descriptor stands for a run of
     /// read-only buffers (length 0) that the next such buffer may join.
     zero_run: bool,
@@ -489,7 +497,6 @@ impl PackedDeviceQueue {
             pop_log: VecDeque::with_capacity(size as usize),
             staged: Vec::with_capacity(size as usize),
             batch_descs: 0,
-            batch_start: 0,
             zero_run: false,
             used_since_check: 0,
             checked: false,
@@ -704,16 +711,18 @@ impl PackedDeviceQueue {
         if in_order_zero && self.zero_run {
             // The run's descriptor is the last one staged.
             if let Some(last) = self.staged.last_mut() {
-                last.2 = id;
+                last.id = id;
             }
             self.advance_used(n);
             return Ok(());
         }
         self.zero_run = in_order_zero;
-        if self.staged.is_empty() {
-            self.batch_start = pos.index;
-        }
-        self.staged.push((pos.index, len, id, used_bits(pos.wrap)));
+        self.staged.push(StagedUsed {
+            index: pos.index,
+            len,
+            id,
+            flags: used_bits(pos.wrap),
+        });
         self.advance_used(n);
         Ok(())
     }
@@ -729,24 +738,27 @@ impl PackedDeviceQueue {
     /// one release store: the flags of the batch's first, written after all the others.
     pub fn publish_used(&mut self) {
         self.zero_run = false;
-        let Some(&(head, len, id, head_flags)) = self.staged.first() else {
+        let Some(&head) = self.staged.first() else {
             return;
         };
-        self.rings.write_used_body(head, len, id);
-        for &(index, len, id, flags) in &self.staged[1..] {
-            self.rings.write_used_body(index, len, id);
-            self.rings.flags(index).store(flags, Ordering::Relaxed);
+        self.rings.write_used_body(head.index, head.len, head.id);
+        for d in &self.staged[1..] {
+            self.rings.write_used_body(d.index, d.len, d.id);
+            self.rings.flags(d.index).store(d.flags, Ordering::Relaxed);
         }
-        self.rings.flags(head).store(head_flags, Ordering::Release);
+        self.rings
+            .flags(head.index)
+            .store(head.flags, Ordering::Release);
         self.staged.clear();
-        self.mark_batch();
+        self.mark_batch(head.index);
     }
 
-    /// Logs the descriptors the batch wrote into (when dirty logging is on).
-    fn mark_batch(&mut self) {
+    /// Logs the descriptors the batch starting at ring index `start` wrote into (when dirty
+    /// logging is on).
+    fn mark_batch(&mut self, start: u16) {
         let size = self.rings.size as u32;
         let n = std::mem::take(&mut self.batch_descs).min(size);
-        let start = self.batch_start as u32;
+        let start = start as u32;
         let first = n.min(size - start);
         let base = self.rings.desc.as_ptr();
         // SAFETY (both): pointer arithmetic inside the ring (no dereference).
