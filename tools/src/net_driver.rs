@@ -812,12 +812,6 @@ impl<T: DeviceTransport> NetDriver<T> {
         }
         if self.tx_free.is_empty() || self.tx.free_descriptors() < 2 {
             self.reap_tx()?;
-        } else if self.tx.in_flight() >= self.rx_publish_batch {
-            // Once a batch is out, one buffer back per frame sent: a sender that waited for
-            // the ring to run dry would pay for a whole ring's completions in one frame
-            // (4-6 µs every 256th frame in the quiet mode: all of `vmdev-perf latency`'s
-            // p99.9).
-            self.reap_tx_upto(1)?;
         }
         let Some(buf) = self.tx_free.pop_front() else {
             return Ok(false);
@@ -887,9 +881,16 @@ impl<T: DeviceTransport> NetDriver<T> {
     pub fn flush(&mut self) -> Result<(), DriverError> {
         if self.tx_unpublished > 0 {
             self.tx.publish();
-            self.tx_unpublished = 0;
+            let sent = std::mem::take(&mut self.tx_unpublished);
             if self.tx.needs_kick() {
                 sys::signal(self.kick[1].as_fd())?;
+            }
+            // Once a batch is out, one buffer back per frame sent, after the frames are
+            // visible (off the path to the device): a sender that waited for the ring to
+            // run dry would pay for a whole ring's completions in one frame (4-6 µs every
+            // 256th frame in the quiet mode: all of `vmdev-perf latency`'s p99.9).
+            if self.tx.in_flight() >= self.rx_publish_batch {
+                self.reap_tx_upto(sent)?;
             }
         }
         self.flush_rx()
