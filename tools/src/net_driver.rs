@@ -207,6 +207,10 @@ pub struct NetDriver<T = TransportClient> {
     /// need not be rewritten.
     tx_free: VecDeque<u32>,
     rx_unpublished: usize,
+    /// RX buffers received and not yet reposted: their descriptors are written after the
+    /// next TX publish, while the device works, not between a frame's arrival and the
+    /// next one's departure.
+    rx_returned: Vec<u32>,
     rx_publish_batch: usize,
     tx_unpublished: usize,
     tx_count: u64,
@@ -615,6 +619,7 @@ impl<T: DeviceTransport> NetDriver<T> {
             tx_buf_of_head: vec![0; sizes[1] as usize],
             tx_free: (0..sizes[1] as u32).collect(),
             rx_unpublished: 0,
+            rx_returned: Vec::with_capacity(sizes[0] as usize),
             rx_publish_batch: (sizes[0] as usize / 8).max(1),
             tx_unpublished: 0,
             tx_count: 0,
@@ -897,6 +902,12 @@ impl<T: DeviceTransport> NetDriver<T> {
     }
 
     fn flush_rx(&mut self) -> Result<(), DriverError> {
+        let mut returned = std::mem::take(&mut self.rx_returned);
+        for &b in &returned {
+            self.post_rx(b)?;
+        }
+        returned.clear();
+        self.rx_returned = returned;
         if self.rx_unpublished > 0 {
             self.rx.publish();
             self.rx_unpublished = 0;
@@ -914,8 +925,9 @@ impl<T: DeviceTransport> NetDriver<T> {
         Ok(queued)
     }
 
-    /// Takes one received frame (without the virtio-net header) into `out` and reposts its
-    /// buffer; `Ok(false)` when none is waiting.
+    /// Takes one received frame (without the virtio-net header) into `out` and returns its
+    /// buffer for reposting (at the next [`NetDriver::flush`], or here once a publish batch
+    /// has gathered); `Ok(false)` when none is waiting.
     pub fn recv_into(&mut self, out: &mut Vec<u8>) -> Result<bool, DriverError> {
         let Some((buf, len, n)) = self.take_rx()? else {
             return Ok(false);
@@ -925,7 +937,7 @@ impl<T: DeviceTransport> NetDriver<T> {
         self.mem
             .read(GuestAddr(base + net::HDR_LEN as u64), out)
             .map_err(RingError::from)?;
-        self.post_rx(buf)?;
+        self.rx_returned.push(buf);
         if self.features & f::NET_F_MRG_RXBUF != 0 {
             if n == 0 || n > self.rings[0].size {
                 return Err(DriverError::Device(format!(
@@ -951,10 +963,10 @@ impl<T: DeviceTransport> NetDriver<T> {
                 self.mem
                     .read(addr, &mut out[at..])
                     .map_err(RingError::from)?;
-                self.post_rx(buf)?;
+                self.rx_returned.push(buf);
             }
         }
-        if self.rx_unpublished >= self.rx_publish_batch {
+        if self.rx_returned.len() + self.rx_unpublished >= self.rx_publish_batch {
             self.flush_rx()?;
         }
         Ok(true)
