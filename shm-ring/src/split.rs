@@ -602,7 +602,9 @@ impl DriverQueue {
             s.descriptor(next).write(self.rings.desc, id as u32);
         }
         let head = self.free[0];
-        self.free.drain(..n);
+        for _ in 0..n {
+            self.free.pop_front();
+        }
         self.chain_len[head as usize] = n as u16;
         self.chains += 1;
         self.push_avail(head);

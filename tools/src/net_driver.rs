@@ -806,6 +806,15 @@ impl<T: DeviceTransport> NetDriver<T> {
         Ok(Some(len as usize - net::HDR_LEN))
     }
 
+    /// Asks for the `i`-th free TX buffer's first lines for writing (see `queue_frame`).
+    fn prefetch_tx(&self, i: usize) {
+        if let Some(&b) = self.tx_free.get(i) {
+            let at = self.tx_base + b as u64 * self.tx_buf + TX_TABLE;
+            self.mem
+                .prefetch(GuestAddr(at), self.tx_buf - TX_TABLE, true);
+        }
+    }
+
     /// Queues one frame for transmission (visible to the device at the next
     /// [`NetDriver::flush`]); `Ok(false)` when no TX buffer is free.
     pub fn queue_frame(&mut self, frame: &[u8]) -> Result<bool, DriverError> {
@@ -822,11 +831,10 @@ impl<T: DeviceTransport> NetDriver<T> {
             return Ok(false);
         };
         // The buffer a few frames on is probably still in the device's cache: ask for it now
-        // so these copies do not wait for it then.
-        if let Some(&next) = self.tx_free.get(PREFETCH_AHEAD - 1) {
-            let at = self.tx_base + next as u64 * self.tx_buf + TX_TABLE;
-            self.mem
-                .prefetch(GuestAddr(at), self.tx_buf - TX_TABLE, true);
+        // so these copies do not wait for it then. A batch's first frame leaves that to the
+        // last flush, which asked for the next batch's first buffers after publishing.
+        if self.tx_unpublished > 0 {
+            self.prefetch_tx(PREFETCH_AHEAD - 1);
         }
         let slot = self.tx_base + buf as u64 * self.tx_buf;
         let hdr = GuestAddr(slot + TX_TABLE);
@@ -896,6 +904,9 @@ impl<T: DeviceTransport> NetDriver<T> {
             // 256th frame in the quiet mode: all of `vmdev-perf latency`'s p99.9).
             if self.tx.in_flight() >= self.rx_publish_batch {
                 self.reap_tx_upto(sent)?;
+            }
+            for i in 0..=PREFETCH_AHEAD {
+                self.prefetch_tx(i);
             }
         }
         self.flush_rx()
