@@ -131,17 +131,23 @@ done
 
 # The unit is one second of one run. p10 stands for the machine's slow mode, p90 for its
 # quiet mode, p50 for wherever the runs mostly fell; a column beats A in a mode when its
-# percentile beats A's.
+# percentile beats A's. Then the same minute: each run's median over the median of the A
+# run of its round (the runs of a round are back to back, so both met the machine in the
+# same mode, most of the time).
 echo
 echo "round-trip Mframes/s over every measured second of every run: p10 / p50 / p90 (seconds);"
 echo "ratios to A at the same percentile"
 awk '
-  { k = $1 SUBSEP $2; v[k, ++n[k]] = $3; if (!($1 in seen)) { seen[$1] = 1; sizes[++ns] = $1 } }
-  function pct(k, q,   m, i, j, t, a) {
-    m = n[k]; for (i = 1; i <= m; i++) a[i] = v[k, i]
+  # Sorts a[1..m] in place (mawk has no asort).
+  function isort(a, m,   i, j, t) {
     for (i = 2; i <= m; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-    i = int(q * (m - 1) + 0.5) + 1; return a[i]
   }
+  function pct(k, q,   m, i, a) {
+    m = n[k]; for (i = 1; i <= m; i++) a[i] = v[k, i]
+    isort(a, m); return a[int(q * (m - 1) + 0.5) + 1]
+  }
+  FNR == NR { k = $1 SUBSEP $2; v[k, ++n[k]] = $3; if (!($1 in seen)) { seen[$1] = 1; sizes[++ns] = $1 }; next }
+  { k = $1 SUBSEP $2; med[k, ++nr[k]] = $3 }
   END {
     printf "%-6s %-4s %-26s %s\n", "size", "col", "p10 / p50 / p90", "vs A: p10 / p50 / p90"
     for (s = 1; s <= ns; s++) {
@@ -155,23 +161,16 @@ awk '
         printf "%-6s %-4s %5.2f / %5.2f / %5.2f (%3d)  %s\n", size, col, x10 / 1e6, x50 / 1e6, x90 / 1e6, n[k], r
       }
     }
-  }' "$W/secs.txt"
-
-# The same minute: each run's median over the median of the A run of its round (the runs
-# of a round are back to back, so both met the machine in the same mode, most of the time).
-echo
-echo "each run's median over that round's A run (same minute), and the median of those ratios"
-awk '
-  { k = $1 SUBSEP $2; r = ++n[k]; m[k, r] = $3; if (!($1 in seen)) { seen[$1] = 1; sizes[++ns] = $1 } }
-  END {
+    print ""
+    print "each run'"'"'s median over that round'"'"'s A run (same minute), and the median of those ratios"
     for (s = 1; s <= ns; s++) {
       size = sizes[s]; ka = size SUBSEP "A"
       for (c = 2; c <= 6; c++) {
         col = substr("ABCDEF", c, 1); k = size SUBSEP col; line = ""; cnt = 0
-        for (r = 1; r <= n[k] && r <= n[ka]; r++) if (m[ka, r] > 0) { x[++cnt] = m[k, r] / m[ka, r]; line = line sprintf(" %.2f", x[cnt]) }
+        for (r = 1; r <= nr[k] && r <= nr[ka]; r++) if (med[ka, r] > 0) { x[++cnt] = med[k, r] / med[ka, r]; line = line sprintf(" %.2f", x[cnt]) }
         if (!cnt) continue
-        for (i = 2; i <= cnt; i++) { t = x[i]; for (j = i - 1; j >= 1 && x[j] > t; j--) x[j + 1] = x[j]; x[j + 1] = t }
+        isort(x, cnt)
         printf "%-6s %-4s per run:%s   median %.2f\n", size, col, line, x[int((cnt + 1) / 2)]
       }
     }
-  }' "$W/runs.txt"
+  }' "$W/secs.txt" "$W/runs.txt"

@@ -424,9 +424,6 @@ impl PackedDescriptor {
     }
 }
 
-/// The device side of a packed queue: pops validated chains, returns used buffers, and
-/// decides notifications. Everything it reads from the ring is checked before use.
-///
 /// A used descriptor the device side has recorded and not yet written to the ring.
 #[derive(Clone, Copy)]
 struct StagedUsed {
@@ -436,6 +433,9 @@ struct StagedUsed {
     flags: u16,
 }
 
+/// The device side of a packed queue: pops validated chains, returns used buffers, and
+/// decides notifications. Everything it reads from the ring is checked before use.
+///
 /// A malformed chain is an error that leaves the queue where it was: the same error comes
 /// back on every later pop (the device needs a reset).
 pub struct PackedDeviceQueue {

@@ -2,8 +2,8 @@
 //!
 //! Layout in guest memory (little-endian):
 //! * descriptor table: `size` × 16 bytes {addr u64, len u32, flags u16, next u16}, 16-aligned;
-//! * driver (avail) ring: flags u16, idx u16, ring[size] u16, used_event u16; 2-aligned;
-//! * device (used) ring: flags u16, idx u16, ring[size] {id u32, len u32}, avail_event u16;
+//! * driver (avail) ring: flags u16, idx u16, ring\[size\] u16, used_event u16; 2-aligned;
+//! * device (used) ring: flags u16, idx u16, ring\[size\] {id u32, len u32}, avail_event u16;
 //!   4-aligned.
 
 use crate::{chain::Chain, memory::GuestMemory, GuestAddr, RingError};
