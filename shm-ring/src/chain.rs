@@ -5,6 +5,9 @@ use crate::{memory::GuestMemory, RingError};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+/// How many leading readable bytes [`Chain::prefetch_readable`] asks the cache for.
+pub const PREFETCH_READ: usize = 256;
+
 #[derive(Clone, Copy)]
 struct Seg {
     ptr: NonNull<u8>,
@@ -117,15 +120,19 @@ impl Chain {
         self.segs.len()
     }
 
-    /// Asks the cache for the first bytes of the chain's first readable buffer (the
-    /// 12-byte virtio-net header and a short frame), so that a batch's misses overlap
-    /// instead of stalling one copy after another.
+    /// Asks the cache for every line of the chain's first [`PREFETCH_READ`] readable bytes
+    /// (the 12-byte virtio-net header and the start of the frame, in one buffer or two), so
+    /// that a batch's misses overlap instead of stalling one copy after another.
     #[inline]
     pub fn prefetch_readable(&self) {
-        if let Some(s) = self.segs.first().filter(|_| self.readable > 0) {
-            let p = s.ptr.as_ptr();
-            crate::prefetch::read(p);
-            crate::prefetch::read(p.wrapping_add((s.len.min(128) as usize).saturating_sub(1)));
+        let mut left = PREFETCH_READ;
+        for s in &self.segs[..self.readable] {
+            let n = (s.len as usize).min(left);
+            crate::prefetch::lines(s.ptr.as_ptr(), n, false);
+            left -= n;
+            if left == 0 {
+                break;
+            }
         }
     }
 

@@ -276,22 +276,14 @@ impl GuestMemory {
         Err(oor())
     }
 
-    /// Hints the cache that the first bytes (up to 128) of `[addr, addr+len)` will be read,
+    /// Hints the cache that the lines of the first bytes (up to 128) of `[addr, addr+len)` will be read,
     /// or written when `write`: a driver issues it a few buffers ahead so that its copies
     /// do not stall on lines the device's core holds. An address outside memory is ignored.
     pub fn prefetch(&self, addr: GuestAddr, len: u64, write: bool) {
         let Ok(p) = self.translate(addr, len) else {
             return;
         };
-        let p = p.as_ptr();
-        let last = p.wrapping_add((len.min(128) as usize).saturating_sub(1));
-        if write {
-            crate::prefetch::write(p);
-            crate::prefetch::write(last);
-        } else {
-            crate::prefetch::read(p);
-            crate::prefetch::read(last);
-        }
+        crate::prefetch::lines(p.as_ptr(), len.min(128) as usize, write);
     }
 
     /// Like [`GuestMemory::translate`] but also requires `addr` to be `align`-aligned.

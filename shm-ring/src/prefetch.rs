@@ -34,3 +34,22 @@ pub fn write(p: *const u8) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
 }
+
+/// Hints every line of `[p, p + len)` for reading (`write` false) or for writing: a start
+/// that is not line-aligned spans one line more than `len / 64`, and all of them are asked
+/// for. Never faults, whatever the range.
+#[inline]
+pub fn lines(p: *const u8, len: usize, write: bool) {
+    let start = p as usize;
+    let end = start.saturating_add(len);
+    let mut line = start & !63;
+    while line < end {
+        let q = p.wrapping_add(line.wrapping_sub(start));
+        if write {
+            self::write(q);
+        } else {
+            read(q);
+        }
+        line += 64;
+    }
+}
