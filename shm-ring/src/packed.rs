@@ -1055,6 +1055,18 @@ impl PackedDriverQueue {
         Ok(Some((id, len)))
     }
 
+    /// The buffer id the device will most likely mark used next: the oldest in flight
+    /// under IN_ORDER, otherwise the id the driver wrote into the next used slot (a device
+    /// completing in order returns it there). A hint for prefetching while waiting, not
+    /// validated.
+    pub fn next_used_hint(&self) -> Option<u16> {
+        if let Some(&id) = self.order.front() {
+            return Some(id);
+        }
+        let (_, _, id) = self.rings.read_body(self.last_used.index);
+        (id < self.rings.size).then_some(id)
+    }
+
     /// Under IN_ORDER: frees the oldest buffer in flight, which the used descriptor
     /// `(id, len)` of a buffer in flight covers, and returns its id and length: `len` if it
     /// is that buffer, 0 if it comes before it.

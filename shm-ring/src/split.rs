@@ -724,6 +724,13 @@ impl DriverQueue {
         u16::try_from(id).ok().filter(|&id| id < self.rings.size)
     }
 
+    /// The id the next used entry held a lap ago: with in-order completions, the buffer the
+    /// device will return next. A hint for prefetching while waiting, not validated.
+    pub fn next_used_hint(&self) -> Option<u16> {
+        let (id, _) = self.rings.read_used_elem(self.last_used);
+        u16::try_from(id).ok().filter(|&id| id < self.rings.size)
+    }
+
     /// Asks the device to interrupt on the next used buffer, then re-checks: `true` when
     /// used buffers are already waiting (do not sleep).
     pub fn enable_interrupts(&mut self) -> bool {

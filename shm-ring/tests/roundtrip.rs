@@ -396,3 +396,45 @@ fn in_order_completions_reuse_heads_in_ring_order() {
     }
     assert_eq!(drv.free_descriptors(), 8);
 }
+
+/// The prefetch hint names the head an in-order device returns next once the used ring
+/// has gone round once, and a device's garbage id in the used ring gives no hint (no
+/// panic).
+#[test]
+fn next_used_hint_follows_in_order_completions_and_ignores_garbage() {
+    let rig = Rig::new(8);
+    let mut drv = rig.driver(ALL_FEATURES);
+    let mut dev = rig.device(ALL_FEATURES);
+    let seg = [Segment {
+        addr: GuestAddr(rig.data),
+        len: 64,
+        writable: true,
+    }];
+    let mut chain = Chain::new();
+    for round in 0..8u16 {
+        let heads: Vec<u16> = (0..3).map(|_| drv.add(&seg).unwrap()).collect();
+        drv.publish();
+        if round >= 3 {
+            // Every used slot has been written once (three a round, eight slots).
+            assert_eq!(drv.next_used_hint(), Some(heads[0]), "round {round}");
+        }
+        for &h in &heads {
+            assert!(dev.pop(&mut chain).unwrap());
+            dev.add_used(h, 64);
+        }
+        dev.publish_used();
+        for &h in &heads {
+            assert_eq!(drv.pop_used().unwrap(), Some((h, 64)));
+        }
+    }
+    // 24 entries used: the next used slot is 0. A hostile id there gives no hint.
+    let slot0 = rig.used.0 + 4;
+    rig.dev_mem
+        .write(GuestAddr(slot0), &0xffff_u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(drv.next_used_hint(), None);
+    rig.dev_mem
+        .write(GuestAddr(slot0), &5_u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(drv.next_used_hint(), Some(5));
+}

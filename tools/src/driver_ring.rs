@@ -197,6 +197,15 @@ impl DriverRing {
         }
     }
 
+    /// The buffer id the device will most likely return next: a prefetch hint.
+    #[inline]
+    pub fn next_used_hint(&self) -> Option<u16> {
+        match &self.form {
+            Form::Split(r) => r.next_used_hint(),
+            Form::Packed(r) => r.next_used_hint(),
+        }
+    }
+
     /// Asks the device to notify on the next used buffer, then re-checks: `true` when used
     /// buffers are already waiting (do not sleep).
     pub fn enable_interrupts(&mut self) -> bool {

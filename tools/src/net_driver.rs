@@ -743,10 +743,16 @@ impl<T: DeviceTransport> NetDriver<T> {
     /// other core), so that reading it later does not stall.
     fn prefetch_rx_ahead(&self) {
         if let Some(next) = self.rx.peek_used(PREFETCH_AHEAD as u16 - 1) {
-            let b = self.rx_buf_of_head.get(next as usize).copied().unwrap_or(0);
-            let at = self.rx_base + b as u64 * self.rx_buf;
-            self.mem.prefetch(GuestAddr(at), self.rx_buf, false);
+            self.prefetch_rx(next);
         }
+    }
+
+    /// Asks the cache for the first lines of the RX buffer under descriptor `head` (a
+    /// hint read from the ring; an id out of range names buffer 0, which is harmless).
+    fn prefetch_rx(&self, head: u16) {
+        let b = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
+        let at = self.rx_base + b as u64 * self.rx_buf;
+        self.mem.prefetch(GuestAddr(at), self.rx_buf, false);
     }
 
     /// Sends the next received frame straight back, without copying it: its RX buffer
@@ -985,10 +991,17 @@ impl<T: DeviceTransport> NetDriver<T> {
 
     /// In interrupt mode: sleeps until the device signals RX (or `timeout` passes), unless
     /// frames are already waiting; returns whether RX has something. In poll mode it returns
-    /// `false` at once (the caller keeps polling with interrupts suppressed).
+    /// `false` at once (the caller keeps polling with interrupts suppressed), after asking
+    /// the cache for the RX buffer the device will most likely fill next. Each poll then
+    /// fetches that buffer's lines alongside the used index, so that once the device has
+    /// written both, the driver takes the two cross-core misses together, not one after
+    /// the other.
     pub fn wait_rx(&mut self, timeout: Duration) -> Result<bool, DriverError> {
         self.flush()?;
         if self.cfg.mode == NotifyMode::Poll {
+            if let Some(head) = self.rx.next_used_hint() {
+                self.prefetch_rx(head);
+            }
             std::hint::spin_loop();
             return Ok(false);
         }
