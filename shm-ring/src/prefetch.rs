@@ -35,21 +35,44 @@ pub fn write(p: *const u8) {
     let _ = p;
 }
 
-/// Hints every line of `[p, p + len)` for reading (`write` false) or for writing: a start
-/// that is not line-aligned spans one line more than `len / 64`, and all of them are asked
-/// for. Never faults, whatever the range.
+/// The most bytes one [`lines`] call covers: a hint for a buffer's first lines, not a copy.
+pub const MAX_LINES_BYTES: usize = 4096;
+
+/// Hints every line of `[p, p + len)` (at most [`MAX_LINES_BYTES`]) for reading (`write`
+/// false) or for writing: a start that is not line-aligned spans one line more than
+/// `len / 64`, and all of them are asked for. Never faults, whatever the range.
 #[inline]
 pub fn lines(p: *const u8, len: usize, write: bool) {
-    let start = p as usize;
-    let end = start.saturating_add(len);
-    let mut line = start & !63;
-    while line < end {
-        let q = p.wrapping_add(line.wrapping_sub(start));
+    let len = len.min(MAX_LINES_BYTES);
+    if len == 0 {
+        return;
+    }
+    // From the start of p's line, as many lines as the range touches.
+    let first = p.wrapping_sub(p as usize % 64);
+    let count = (p as usize % 64 + len).div_ceil(64);
+    for i in 0..count {
+        let q = first.wrapping_add(64 * i);
         if write {
             self::write(q);
         } else {
             read(q);
         }
-        line += 64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_returns_for_any_range() {
+        let buf = [0u8; 300];
+        for off in [0, 1, 52, 63, 64] {
+            lines(buf.as_ptr().wrapping_add(off), 200, false);
+            lines(buf.as_ptr().wrapping_add(off), 200, true);
+        }
+        lines(std::ptr::null(), usize::MAX, false);
+        lines(usize::MAX as *const u8, usize::MAX, true);
+        lines(buf.as_ptr(), 0, false);
     }
 }
