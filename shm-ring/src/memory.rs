@@ -276,9 +276,10 @@ impl GuestMemory {
         Err(oor())
     }
 
-    /// Hints the cache that the lines of the first bytes (up to 128) of `[addr, addr+len)` will be read,
-    /// or written when `write`: a driver issues it a few buffers ahead so that its copies
-    /// do not stall on lines the device's core holds. An address outside memory is ignored.
+    /// Hints the cache that every line of the first bytes (up to 128) of `[addr, addr+len)`
+    /// will be read, or written when `write`: a driver issues it a few buffers ahead so
+    /// that its copies do not stall on lines the device's core holds. An address outside
+    /// memory is ignored.
     pub fn prefetch(&self, addr: GuestAddr, len: u64, write: bool) {
         let Ok(p) = self.translate(addr, len) else {
             return;
