@@ -1055,6 +1055,38 @@ impl PackedDriverQueue {
         Ok(Some((id, len)))
     }
 
+    /// Right after the driver took the first used descriptor of a cache line: calls `f`
+    /// with the id of each further descriptor on that line the device has marked used, for
+    /// prefetching their buffers. Reads only the line the driver already holds; a hint,
+    /// unvalidated (`pop_used` checks each id when it gets there).
+    pub fn peek_used_on_line(&self, mut f: impl FnMut(u16)) {
+        let addr = |i: u16| self.rings.desc.as_ptr() as usize + self.rings.desc_off(i);
+        let just = self
+            .last_used
+            .index
+            .checked_sub(1)
+            .unwrap_or(self.rings.size - 1);
+        if addr(just) % 64 != 0 {
+            return;
+        }
+        let mut pos = self.last_used;
+        // At most the rest of the line (a ring of one line would otherwise wrap onto it).
+        for _ in 1..64 / DESC_LEN {
+            if addr(pos.index) / 64 != addr(just) / 64 {
+                break;
+            }
+            let flags = self.rings.flags(pos.index).load(Ordering::Relaxed);
+            if !is_used(flags, pos.wrap) {
+                break;
+            }
+            let (_, _, id) = self.rings.read_body(pos.index);
+            if id < self.rings.size {
+                f(id);
+            }
+            pos.advance(1, self.rings.size);
+        }
+    }
+
     /// The buffer id the device will most likely mark used next: the oldest in flight
     /// under IN_ORDER, otherwise the id the driver wrote into the next used slot (a device
     /// completing in order returns it there). A hint for prefetching while waiting, not

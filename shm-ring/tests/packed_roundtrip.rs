@@ -723,3 +723,49 @@ fn next_used_hint_names_the_next_buffer_in_order() {
         }
     }
 }
+
+/// After taking the first used descriptor of a cache line, the driver learns the ids of the
+/// further used descriptors on that line (to prefetch their buffers), and nothing past the
+/// line, past the first one not yet used, or after a descriptor in the middle of a line.
+#[test]
+fn peek_used_on_line_names_the_used_rest_of_the_line() {
+    let rig = PackedRig::new(8);
+    let mut drv = rig.driver(ALL_FEATURES);
+    let mut dev = rig.device(ALL_FEATURES);
+    assert_eq!(rig.desc.0 % 64, 0, "the rig's ring starts a cache line");
+    let seg = [Segment {
+        addr: GuestAddr(rig.data),
+        len: 64,
+        writable: true,
+    }];
+    let ids: Vec<u16> = (0..8).map(|_| drv.add(&seg).unwrap()).collect();
+    drv.publish();
+    let mut chain = Chain::new();
+    // The device uses the first six.
+    for &id in &ids[..6] {
+        assert!(dev.pop(&mut chain).unwrap());
+        dev.add_used(id, 64).unwrap();
+    }
+    dev.publish_used();
+    let seen = |drv: &PackedDriverQueue| {
+        let mut v = Vec::new();
+        drv.peek_used_on_line(|id| v.push(id));
+        v
+    };
+    assert_eq!(drv.pop_used().unwrap(), Some((ids[0], 64)));
+    assert_eq!(seen(&drv), ids[1..4].to_vec(), "the rest of line 0");
+    assert_eq!(drv.pop_used().unwrap(), Some((ids[1], 64)));
+    assert_eq!(seen(&drv), Vec::<u16>::new(), "mid-line: nothing");
+    for &id in &ids[2..5] {
+        assert_eq!(drv.pop_used().unwrap(), Some((id, 64)));
+    }
+    assert_eq!(
+        seen(&drv),
+        vec![ids[5]],
+        "line 1 up to the first unused one"
+    );
+    // A garbage id there is no hint (and no panic).
+    let d = rig.desc_at(5);
+    rig.write_desc(5, d.addr, d.len, 0xffff, d.flags);
+    assert_eq!(seen(&drv), Vec::<u16>::new(), "an id past the ring");
+}

@@ -739,12 +739,12 @@ impl<T: DeviceTransport> NetDriver<T> {
         Ok(Some((buf, len, nb)))
     }
 
-    /// Asks the cache for the RX buffer a few used entries on (the device wrote it from the
-    /// other core), so that reading it later does not stall.
+    /// Asks the cache for RX buffers the device has already filled (from the other core),
+    /// so that reading them later does not stall: a few used entries on for split rings,
+    /// the rest of the descriptor line just reached for packed ones.
     fn prefetch_rx_ahead(&self) {
-        if let Some(next) = self.rx.peek_used(PREFETCH_AHEAD as u16 - 1) {
-            self.prefetch_rx(next);
-        }
+        self.rx
+            .peek_used(PREFETCH_AHEAD as u16 - 1, |next| self.prefetch_rx(next));
     }
 
     /// Asks the cache for the first lines of the RX buffer under descriptor `head` (a
