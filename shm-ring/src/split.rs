@@ -718,16 +718,18 @@ impl DriverQueue {
         if self.used_cache.wrapping_sub(self.last_used) <= ahead {
             return None;
         }
-        let (id, _) = self
-            .rings
-            .read_used_elem(self.last_used.wrapping_add(ahead));
-        u16::try_from(id).ok().filter(|&id| id < self.rings.size)
+        self.used_id_hint(self.last_used.wrapping_add(ahead))
     }
 
     /// The id the next used entry held a lap ago: with in-order completions, the buffer the
     /// device will return next. A hint for prefetching while waiting, not validated.
     pub fn next_used_hint(&self) -> Option<u16> {
-        let (id, _) = self.rings.read_used_elem(self.last_used);
+        self.used_id_hint(self.last_used)
+    }
+
+    /// The id in used slot `slot` as it stands, if it names a descriptor (a hint).
+    fn used_id_hint(&self, slot: u16) -> Option<u16> {
+        let (id, _) = self.rings.read_used_elem(slot);
         u16::try_from(id).ok().filter(|&id| id < self.rings.size)
     }
 

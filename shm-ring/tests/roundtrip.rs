@@ -360,20 +360,27 @@ fn indirect_table_size_limit() {
     assert_eq!(drv.free_descriptors(), 4);
 }
 
+/// A ring of 8 with every feature, its two sides, and one 64-byte writable segment for the
+/// in-order tests below.
+fn in_order_rig() -> (Rig, DriverQueue, DeviceQueue, [Segment; 1]) {
+    let rig = Rig::new(8);
+    let drv = rig.driver(ALL_FEATURES);
+    let dev = rig.device(ALL_FEATURES);
+    let seg = [Segment {
+        addr: GuestAddr(rig.data),
+        len: 64,
+        writable: true,
+    }];
+    (rig, drv, dev, seg)
+}
+
 /// With completions in order, the driver hands out descriptors in ring order, lap after
 /// lap: avail slot `i` always carries head `i % size`, so the avail ring (and, on the
 /// device side, each used element) holds the same bytes every lap and neither side has to
 /// store into those lines again.
 #[test]
 fn in_order_completions_reuse_heads_in_ring_order() {
-    let rig = Rig::new(8);
-    let mut drv = rig.driver(ALL_FEATURES);
-    let mut dev = rig.device(ALL_FEATURES);
-    let seg = [Segment {
-        addr: GuestAddr(rig.data),
-        len: 64,
-        writable: true,
-    }];
+    let (_rig, mut drv, mut dev, seg) = in_order_rig();
     let mut chain = Chain::new();
     for lap in 0..3u16 {
         // Five chains at a time, so the laps do not line up with the ring's end.
@@ -402,14 +409,7 @@ fn in_order_completions_reuse_heads_in_ring_order() {
 /// panic).
 #[test]
 fn next_used_hint_follows_in_order_completions_and_ignores_garbage() {
-    let rig = Rig::new(8);
-    let mut drv = rig.driver(ALL_FEATURES);
-    let mut dev = rig.device(ALL_FEATURES);
-    let seg = [Segment {
-        addr: GuestAddr(rig.data),
-        len: 64,
-        writable: true,
-    }];
+    let (rig, mut drv, mut dev, seg) = in_order_rig();
     let mut chain = Chain::new();
     for round in 0..8u16 {
         let heads: Vec<u16> = (0..3).map(|_| drv.add(&seg).unwrap()).collect();
