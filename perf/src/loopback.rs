@@ -56,6 +56,10 @@ pub struct Common {
     /// Use packed virtqueues (VIRTIO_F_RING_PACKED); the device must offer them.
     #[arg(long)]
     pub packed: bool,
+    /// Negotiate VIRTIO_F_IN_ORDER; the device must offer it. On packed rings the device
+    /// then returns a batch of sent frames with one used descriptor.
+    #[arg(long)]
+    pub in_order: bool,
     /// Round trips per floor measurement (0 skips the floors).
     #[arg(long, default_value_t = 20_000)]
     pub floor_iters: u64,
@@ -286,7 +290,7 @@ pub(crate) fn setup(c: &Common) -> Result<Setup> {
     let cpus = pin_driver(my_cpu, dp_cpu)?;
     let drv =
         NetDriver::open(&c.run_dir, c.uuid, driver_config(c)).context("opening the device")?;
-    check_packed(c, &drv)?;
+    check_features(c, &drv)?;
     let frame = test_frame(&drv, c.size)?;
     Ok(Setup {
         drv,
@@ -303,7 +307,7 @@ pub(crate) fn setup_vhost_vdpa(c: &Common, path: &Path) -> Result<Setup<VhostVdp
     let cpus = pin_driver(c.cpu, None)?;
     let drv = NetDriver::open_vhost_vdpa(path, driver_config(c))
         .with_context(|| format!("opening the vhost-vdpa device {}", path.display()))?;
-    check_packed(c, &drv)?;
+    check_features(c, &drv)?;
     let frame = test_frame(&drv, c.size)?;
     Ok(Setup {
         drv,
@@ -320,7 +324,7 @@ pub(crate) fn setup_vhost_user(c: &Common, path: &Path) -> Result<Setup<VhostUse
     let cpus = pin_driver(c.cpu, None)?;
     let drv = NetDriver::open_vhost_user(path, driver_config(c))
         .with_context(|| format!("driving the vhost-user back end {}", path.display()))?;
-    check_packed(c, &drv)?;
+    check_features(c, &drv)?;
     let frame = test_frame(&drv, c.size)?;
     Ok(Setup {
         drv,
@@ -352,16 +356,36 @@ fn driver_config(c: &Common) -> NetDriverConfig {
     NetDriverConfig {
         mode,
         packed: c.packed,
+        in_order: c.in_order,
         ..Default::default()
     }
 }
 
-/// With --packed, fails unless the device took packed rings (no silent split run).
-fn check_packed<T: DeviceTransport>(c: &Common, drv: &NetDriver<T>) -> Result<()> {
+/// With --packed or --in-order, fails unless the device took that feature (no silent run
+/// of another kind).
+fn check_features<T: DeviceTransport>(c: &Common, drv: &NetDriver<T>) -> Result<()> {
     if c.packed && !drv.packed() {
         bail!("--packed: the device does not offer VIRTIO_F_RING_PACKED");
     }
+    if c.in_order && !negotiated_in_order(drv) {
+        bail!("--in-order: the device does not offer VIRTIO_F_IN_ORDER");
+    }
     Ok(())
+}
+
+/// Whether VIRTIO_F_IN_ORDER was negotiated.
+fn negotiated_in_order<T: DeviceTransport>(drv: &NetDriver<T>) -> bool {
+    drv.features() & vmdev_proto::virtio::features::IN_ORDER != 0
+}
+
+/// The rings a run used, as the text report names them.
+fn rings_label(packed: bool, in_order: bool) -> &'static str {
+    match (packed, in_order) {
+        (false, false) => "split",
+        (true, false) => "packed",
+        (false, true) => "split in-order",
+        (true, true) => "packed in-order",
+    }
 }
 
 /// A `size`-byte frame to the device's MAC.
@@ -433,6 +457,7 @@ fn run_latency<T: DeviceTransport>(a: &LatencyArgs, mut s: Setup<T>) -> Result<(
         }
     }
     let packed = s.drv.packed();
+    let in_order = negotiated_in_order(&s.drv);
     drop(s.drv);
     if let Some(path) = &a.hgrm {
         std::fs::write(path, hgrm::render(&hist))
@@ -450,7 +475,7 @@ fn run_latency<T: DeviceTransport>(a: &LatencyArgs, mut s: Setup<T>) -> Result<(
             "benchmark": "latency", "frames": a.frames, "size": a.common.size, "parent": s.parent,
             "device": s.target,
             "cpus": s.cpus.map(|(x, y)| [x, y]), "interrupts": a.common.interrupts,
-            "packed": packed, "p50_ns": pct(0.5), "p90_ns": pct(0.9), "p99_ns": pct(0.99), "p999_ns": pct(0.999),
+            "packed": packed, "in_order": in_order, "p50_ns": pct(0.5), "p90_ns": pct(0.9), "p99_ns": pct(0.99), "p999_ns": pct(0.999),
             "max_ns": hist.max(), "mean_ns": hist.mean(), "floors": floors_json, "ratios": ratios,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -463,7 +488,7 @@ fn run_latency<T: DeviceTransport>(a: &LatencyArgs, mut s: Setup<T>) -> Result<(
         s.target,
         s.parent,
         if a.common.interrupts { "interrupts" } else { "busy-polling" },
-        if packed { "packed" } else { "split" },
+        rings_label(packed, in_order),
         s.cpus
     );
     println!(
@@ -556,6 +581,7 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
     let frames = pump.got - got0;
     let batch = pump.batch;
     let packed = s.drv.packed();
+    let in_order = negotiated_in_order(&s.drv);
     drop(s.drv);
     let fps = frames as f64 / secs;
     let gbps = fps * a.common.size as f64 * 8.0 / 1e9;
@@ -566,7 +592,7 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
             "benchmark": "throughput", "size": a.common.size, "batch": batch, "seconds": secs,
             "frames": frames, "frames_per_s": fps, "gbit_per_s": gbps, "ns_per_frame": ns_per_frame,
             "parent": s.parent, "device": s.target, "cpus": s.cpus.map(|(x, y)| [x, y]),
-            "interrupts": a.common.interrupts, "packed": packed, "forward": a.forward,
+            "interrupts": a.common.interrupts, "packed": packed, "in_order": in_order, "forward": a.forward,
             "per_second": per_second,
             "floors": floors::to_json(&fl, a.common.floor_iters, s.cpus),
         });
@@ -580,7 +606,7 @@ fn run_throughput<T: DeviceTransport>(a: &ThroughputArgs, mut s: Setup<T>) -> Re
         s.target,
         s.parent,
         if a.common.interrupts { "interrupts" } else { "busy-polling" },
-        if packed { "packed" } else { "split" },
+        rings_label(packed, in_order),
         s.cpus
     );
     println!(
