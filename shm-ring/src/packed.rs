@@ -824,12 +824,13 @@ pub struct PackedDriverQueue {
     rings: Rings,
     addrs: (GuestAddr, GuestAddr, GuestAddr),
     features: RingFeatures,
-    /// Free buffer ids (a stack with capacity `size`).
+    /// Free buffer ids (a stack with capacity `size`). Unused under IN_ORDER, where a
+    /// chain's id is its head's ring index: the device returns chains in ring order, so
+    /// the oldest in flight is always the one at the used position, and no list of ids in
+    /// flight is kept.
     free_ids: Vec<u16>,
     /// Descriptors each buffer id holds (0: free).
     desc_count: Vec<u16>,
-    /// Under IN_ORDER: the buffer ids in flight, oldest first.
-    order: VecDeque<u16>,
     /// Under IN_ORDER: the id and length of a used descriptor that stands for the buffers
     /// in flight up to and including that id; they are handed out one by one, oldest first.
     used_through: Option<(u16, u32)>,
@@ -870,7 +871,6 @@ impl PackedDriverQueue {
             features,
             free_ids: (0..size).rev().collect(),
             desc_count: vec![0; size as usize],
-            order: VecDeque::with_capacity(if features.in_order { size as usize } else { 0 }),
             used_through: None,
             free_descs: size,
             chains: 0,
@@ -926,12 +926,15 @@ impl PackedDriverQueue {
         }
     }
 
+    /// Takes a buffer id for a chain of `ndesc` descriptors whose head goes at the next
+    /// available position (the caller checked there are that many free descriptors).
     fn take_id(&mut self, ndesc: u16) -> Option<u16> {
-        let id = self.free_ids.pop()?;
+        let id = if self.features.in_order {
+            self.next_avail.index
+        } else {
+            self.free_ids.pop()?
+        };
         self.desc_count[id as usize] = ndesc;
-        if self.features.in_order {
-            self.order.push_back(id);
-        }
         self.free_descs -= ndesc;
         self.chains += 1;
         self.added_since_check = self.added_since_check.saturating_add(ndesc as u32);
@@ -1092,8 +1095,8 @@ impl PackedDriverQueue {
     /// completing in order returns it there). A hint for prefetching while waiting, not
     /// validated.
     pub fn next_used_hint(&self) -> Option<u16> {
-        if let Some(&id) = self.order.front() {
-            return Some(id);
+        if self.features.in_order {
+            return Some(self.last_used.index);
         }
         let (_, _, id) = self.rings.read_body(self.last_used.index);
         (id < self.rings.size).then_some(id)
@@ -1103,10 +1106,10 @@ impl PackedDriverQueue {
     /// `(id, len)` of a buffer in flight covers, and returns its id and length: `len` if it
     /// is that buffer, 0 if it comes before it.
     fn release_oldest(&mut self, last: (u16, u32)) -> Result<(u16, u32), RingError> {
-        let oldest = self
-            .order
-            .pop_front()
-            .ok_or(RingError::BadUsedId(last.0 as u32))?;
+        let oldest = self.last_used.index;
+        if self.desc_count[oldest as usize] == 0 {
+            return Err(RingError::BadUsedId(last.0 as u32));
+        }
         self.release(oldest);
         if oldest == last.0 {
             self.used_through = None;
@@ -1120,7 +1123,9 @@ impl PackedDriverQueue {
     /// Frees buffer `id` (in flight) and moves the used position past its descriptors.
     fn release(&mut self, id: u16) {
         let n = std::mem::take(&mut self.desc_count[id as usize]);
-        self.free_ids.push(id);
+        if !self.features.in_order {
+            self.free_ids.push(id);
+        }
         self.free_descs += n;
         self.chains -= 1;
         self.last_used.advance(n, self.rings.size);
