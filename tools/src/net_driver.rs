@@ -823,6 +823,11 @@ impl<T: DeviceTransport> NetDriver<T> {
 
     /// Queues one frame for transmission (visible to the device at the next
     /// [`NetDriver::flush`]); `Ok(false)` when no TX buffer is free.
+    // Inlined into the sender's loop on purpose: as a call, the copying benchmark ran at
+    // 4.8, 5.6 or 7.2 Mframes/s with the same code depending on where the linker placed it
+    // (a stall at its prologue's pushes in the slow layouts); inlined, three layouts ran at
+    // 7.2-7.4 (perf/RESULTS.md, 2026-12-05 sixth session).
+    #[inline(always)]
     pub fn queue_frame(&mut self, frame: &[u8]) -> Result<bool, DriverError> {
         if frame.len() > self.max_frame() {
             return Err(DriverError::FrameTooLarge {
