@@ -17,8 +17,8 @@ use vmdev_tools::{
     VhostVdpa,
 };
 
-/// Options shared by both benchmarks.
-#[derive(clap::Args, Debug)]
+/// Options shared by the benchmarks.
+#[derive(clap::Args, Debug, Clone)]
 pub struct Common {
     /// The control plane's run directory.
     #[arg(long, env = "VMDEV_RUN_DIR", default_value = "/run/vmdev")]

@@ -6,6 +6,7 @@ mod loopback;
 mod migration;
 mod pin;
 mod report;
+mod rings;
 mod scale;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ enum Cmd {
     Migrate(migration::MigrateArgs),
     /// Throughput with dirty logging off and on, alternating in the same run.
     DirtyLog(migration::DirtyLogArgs),
+    /// Split against packed rings: two devices driven in alternating slices of one run.
+    Rings(rings::RingsArgs),
     /// Latency and throughput sweeps written as JSON and SVG charts.
     Report(report::ReportArgs),
     /// Aggregate rate of 1, 8, 64… devices on one datapath thread.
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Throughput(args) => loopback::throughput(&args),
         Cmd::Migrate(args) => migration::migrate(&args),
         Cmd::DirtyLog(args) => migration::dirty_log(&args),
+        Cmd::Rings(args) => rings::rings(&args),
         Cmd::Report(args) => report::report(&args),
         Cmd::Scale(args) => scale::scale(&args),
         Cmd::Idle(args) => scale::idle(&args),
