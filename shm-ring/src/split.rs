@@ -522,6 +522,10 @@ pub struct DriverQueue {
     chain_len: Vec<u16>,
     /// Chains in flight (entries of `chain_len` above 0).
     chains: usize,
+    /// Under IN_ORDER: the head made available at each avail index (modulo the size), the
+    /// driver's own copy, so that each used entry is checked against the head made
+    /// available that many chains ago. Empty otherwise.
+    heads: Vec<u16>,
     avail_idx: u16,
     kicked_at: u16,
     last_used: u16,
@@ -555,6 +559,7 @@ impl DriverQueue {
             next: vec![0; size as usize],
             chain_len: vec![0; size as usize],
             chains: 0,
+            heads: vec![0; if features.in_order { size as usize } else { 0 }],
             avail_idx: 0,
             kicked_at: 0,
             last_used: 0,
@@ -654,6 +659,12 @@ impl DriverQueue {
     /// it (descriptors reused in ring order): the line then stays shared in both caches
     /// instead of moving between the cores.
     fn push_avail(&mut self, head: u16) {
+        if let Some(h) = self
+            .heads
+            .get_mut((self.avail_idx & self.rings.mask()) as usize)
+        {
+            *h = head;
+        }
         let entry = self.rings.avail_entry(self.avail_idx);
         if entry.load(Ordering::Relaxed) != head {
             entry.store(head, Ordering::Relaxed);
@@ -681,7 +692,9 @@ impl DriverQueue {
         }
     }
 
-    /// Takes the next used chain: its head and the length the device wrote.
+    /// Takes the next used chain: its head and the length the device wrote. Under
+    /// VIRTIO_F_IN_ORDER, a chain returned before one made available earlier is refused
+    /// ([`RingError::OutOfOrder`]) and the queue does not move.
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, RingError> {
         if self.used_cache == self.last_used {
             let now = self.rings.used_idx().load(Ordering::Acquire);
@@ -701,6 +714,17 @@ impl DriverQueue {
             Some(&n) if n > 0 => n,
             _ => return Err(RingError::BadUsedId(id)),
         };
+        if let Some(&expected) = self
+            .heads
+            .get((self.last_used & self.rings.mask()) as usize)
+        {
+            if id != expected as u32 {
+                return Err(RingError::OutOfOrder {
+                    expected: Some(expected),
+                    got: id as u16,
+                });
+            }
+        }
         self.last_used = self.last_used.wrapping_add(1);
         let mut d = id as u16;
         for _ in 0..n {

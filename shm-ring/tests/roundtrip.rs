@@ -5,7 +5,7 @@ mod common;
 use common::harness::{Harness, MAX_SEGS};
 use common::*;
 use vmdev_shm_ring::split::{Segment, SplitLayout, MAX_QUEUE_SIZE};
-use vmdev_shm_ring::{Chain, DeviceQueue, DriverQueue, GuestAddr};
+use vmdev_shm_ring::{Chain, DeviceQueue, DriverQueue, GuestAddr, RingError};
 
 /// The fixed example: one readable and two writable segments, then an indirect chain.
 #[test]
@@ -437,4 +437,51 @@ fn next_used_hint_follows_in_order_completions_and_ignores_garbage() {
         .write(GuestAddr(slot0), &5_u32.to_le_bytes())
         .unwrap();
     assert_eq!(drv.next_used_hint(), Some(5));
+}
+
+/// Under IN_ORDER the driver checks each used entry against the head it made available
+/// that many chains ago (its own copy, not the shared avail ring), across laps of the
+/// ring: a device that returns a later chain first is refused, and the queue does not
+/// move.
+#[test]
+fn in_order_driver_refuses_a_later_chain_first_and_does_not_move() {
+    let rig = Rig::new(8);
+    let f = with_in_order(ALL_FEATURES, true);
+    let (mut drv, mut dev) = (rig.driver(f), rig.device(f));
+    let seg = [Segment {
+        addr: GuestAddr(rig.data),
+        len: 64,
+        writable: true,
+    }];
+    let mut chain = Chain::new();
+    for lap in 0..4u16 {
+        let heads: Vec<u16> = (0..3).map(|_| drv.add(&seg).unwrap()).collect();
+        drv.publish();
+        for _ in &heads {
+            assert!(dev.pop(&mut chain).unwrap());
+        }
+        if lap < 3 {
+            for &h in &heads {
+                dev.add_used(h, 64);
+            }
+            dev.publish_used();
+            for &h in &heads {
+                assert_eq!(drv.pop_used().unwrap(), Some((h, 64)), "lap {lap}");
+            }
+            continue;
+        }
+        for i in [1, 0, 2] {
+            dev.add_used(heads[i], 64);
+        }
+        dev.publish_used();
+        for _ in 0..2 {
+            match drv.pop_used() {
+                Err(RingError::OutOfOrder { expected, got }) => {
+                    assert_eq!((expected, got), (Some(heads[0]), heads[1]));
+                }
+                other => panic!("expected OutOfOrder, got {other:?}"),
+            }
+        }
+        assert_eq!(drv.in_flight(), 3, "nothing was taken");
+    }
 }

@@ -8,7 +8,6 @@
 //! (or `add_indirect`) returned for a chain still in flight, and is below
 //! [`DriverRing::size`], so a caller maps it to its buffer with a table of `size` entries.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use vmdev_shm_ring::split::{RingFeatures, Segment};
 use vmdev_shm_ring::{
@@ -16,11 +15,12 @@ use vmdev_shm_ring::{
 };
 
 /// The driver side of a split or a packed ring.
+///
+/// With VIRTIO_F_IN_ORDER in `features`, a split ring refuses a chain the device returns
+/// before one made available earlier ([`RingError::OutOfOrder`]); a packed ring reads a
+/// used id as covering every chain up to it and returns them oldest first.
 pub struct DriverRing {
     form: Form,
-    /// With VIRTIO_F_IN_ORDER: the tokens in flight, oldest first, which the device must
-    /// return in that order.
-    in_order: Option<VecDeque<u16>>,
 }
 
 enum Form {
@@ -57,20 +57,7 @@ impl DriverRing {
         } else {
             Form::Split(DriverQueue::new(mem, size, a, b, c, features)?)
         };
-        Ok(DriverRing {
-            form,
-            in_order: None,
-        })
-    }
-
-    /// Holds the device to VIRTIO_F_IN_ORDER (negotiated): from now on [`DriverRing::pop_used`]
-    /// refuses a chain returned before one made available earlier. Call before adding chains.
-    /// A packed ring needs no check here: under IN_ORDER its queue reads a used id as
-    /// covering every chain up to it, and returns them oldest first.
-    pub fn expect_in_order(&mut self) {
-        if !self.is_packed() {
-            self.in_order = Some(VecDeque::with_capacity(self.size() as usize));
-        }
+        Ok(DriverRing { form })
     }
 
     /// Whether this is a packed ring.
@@ -116,18 +103,10 @@ impl DriverRing {
     /// device until [`DriverRing::publish`].
     #[inline]
     pub fn add(&mut self, segs: &[Segment]) -> Option<u16> {
-        let token = match &mut self.form {
+        match &mut self.form {
             Form::Split(r) => r.add(segs),
             Form::Packed(r) => r.add(segs),
-        };
-        self.added(token)
-    }
-
-    fn added(&mut self, token: Option<u16>) -> Option<u16> {
-        if let (Some(t), Some(q)) = (token, &mut self.in_order) {
-            q.push_back(t);
         }
-        token
     }
 
     /// Adds a chain through an indirect table the caller placed at `table` (room for
@@ -139,11 +118,10 @@ impl DriverRing {
         table: GuestAddr,
         segs: &[Segment],
     ) -> Result<Option<u16>, RingError> {
-        let token = match &mut self.form {
+        match &mut self.form {
             Form::Split(r) => r.add_indirect(table, segs),
             Form::Packed(r) => r.add_indirect(table, segs),
-        }?;
-        Ok(self.added(token))
+        }
     }
 
     /// Makes every chain added so far visible to the device (one release store).
@@ -166,23 +144,13 @@ impl DriverRing {
 
     /// Takes the next used chain: the token [`DriverRing::add`] returned for it and the
     /// length the device wrote. A token the driver never handed out is an error, and so is,
-    /// under [`DriverRing::expect_in_order`], one returned out of order.
+    /// on a split ring under IN_ORDER, one returned out of order.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, RingError> {
-        let used = match &mut self.form {
+        match &mut self.form {
             Form::Split(r) => r.pop_used(),
             Form::Packed(r) => r.pop_used(),
-        }?;
-        if let (Some((token, _)), Some(q)) = (used, &mut self.in_order) {
-            let oldest = q.pop_front();
-            if oldest != Some(token) {
-                return Err(RingError::OutOfOrder {
-                    expected: oldest,
-                    got: token,
-                });
-            }
         }
-        Ok(used)
     }
 
     /// Calls `f` with the tokens of used chains worth prefetching now, after the driver took
@@ -255,10 +223,17 @@ mod tests {
     /// A driver ring of `size` at the start of fresh memory: the memory, the ring, its three
     /// guest addresses (for the device side) and the first address past it.
     fn ring(size: u16, packed: bool) -> (Arc<GuestMemory>, DriverRing, [GuestAddr; 3], u64) {
+        ring_with(size, packed, RingFeatures::default())
+    }
+
+    fn ring_with(
+        size: u16,
+        packed: bool,
+        rf: RingFeatures,
+    ) -> (Arc<GuestMemory>, DriverRing, [GuestAddr; 3], u64) {
         let (d, a, u, total) = ring_offsets(size, packed);
         let mem = memory(4096 + total);
         let addrs = (BASE + d, BASE + a, BASE + u);
-        let rf = RingFeatures::default();
         let drv = DriverRing::new(Arc::clone(&mem), size, addrs, rf, packed).expect("ring");
         let ga = [GuestAddr(addrs.0), GuestAddr(addrs.1), GuestAddr(addrs.2)];
         (mem, drv, ga, BASE + total)
@@ -319,16 +294,17 @@ mod tests {
     }
 
     /// A split ring whose device returns chains 2, 1, 3: `peek_used` sees what follows the
-    /// next one; with `expect_in_order` the same device is refused at once.
+    /// next one; under IN_ORDER the same device is refused at once, and the queue does not
+    /// move.
     #[test]
     fn split_peek_and_the_in_order_check() {
         for in_order in [false, true] {
             let size = 8;
-            let (mem, mut drv, [a, b, c], buf) = ring(size, false);
-            if in_order {
-                drv.expect_in_order();
-            }
-            let rf = RingFeatures::default();
+            let rf = RingFeatures {
+                in_order,
+                ..RingFeatures::default()
+            };
+            let (mem, mut drv, [a, b, c], buf) = ring_with(size, false, rf);
             let mut dev = vmdev_shm_ring::DeviceQueue::new(mem, size, a, b, c, rf).expect("device");
             let seg = Segment {
                 addr: GuestAddr(buf),
@@ -344,10 +320,13 @@ mod tests {
             }
             dev.publish_used();
             if in_order {
-                assert!(matches!(
-                    drv.pop_used(),
-                    Err(RingError::OutOfOrder { expected: Some(e), got: g }) if e == t[0] && g == t[1]
-                ));
+                for _ in 0..2 {
+                    assert!(matches!(
+                        drv.pop_used(),
+                        Err(RingError::OutOfOrder { expected: Some(e), got: g }) if e == t[0] && g == t[1]
+                    ));
+                }
+                assert_eq!(drv.in_flight(), 3, "nothing was taken");
                 continue;
             }
             assert_eq!(drv.pop_used().expect("ok"), Some((t[1], 11)));

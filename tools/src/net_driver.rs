@@ -588,11 +588,7 @@ impl<T: DeviceTransport> NetDriver<T> {
                 packed,
             )
         };
-        let (mut rx, mut tx) = (mk(rings[0])?, mk(rings[1])?);
-        if features & f::IN_ORDER != 0 {
-            rx.expect_in_order();
-            tx.expect_in_order();
-        }
+        let (rx, tx) = (mk(rings[0])?, mk(rings[1])?);
         ready_queues(&mut c, config_fd.as_fd())?;
 
         let mut drv = NetDriver {
