@@ -126,10 +126,13 @@ impl Server {
         ))
     }
 
-    /// Binds both sockets and serves until the process ends.
+    /// Binds both sockets and serves until the process ends. `datapath.sock` is bound
+    /// first, so that whoever waits for `control.sock` to appear (scripts, tests) can start a
+    /// datapath at once: it found `datapath.sock` missing in one run of
+    /// `perf/compare-dpdk.sh`.
     pub fn run(self: &Arc<Self>) -> std::io::Result<()> {
-        let clients = bind_socket(&self.run_dir, "control.sock")?;
         let parents = bind_socket(&self.run_dir, "datapath.sock")?;
+        let clients = bind_socket(&self.run_dir, "control.sock")?;
         tracing::info!(run_dir = %self.run_dir.display(), "vmdev-control listening");
         let me = Arc::clone(self);
         std::thread::Builder::new()

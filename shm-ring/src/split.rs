@@ -526,6 +526,9 @@ pub struct DriverQueue {
     /// driver's own copy, so that each used entry is checked against the head made
     /// available that many chains ago. Empty otherwise.
     heads: Vec<u16>,
+    /// Under IN_ORDER: the id and length of a used entry that stands for a batch of chains
+    /// up to and including that id; they are handed out one by one, oldest first.
+    used_through: Option<(u16, u32)>,
     avail_idx: u16,
     kicked_at: u16,
     last_used: u16,
@@ -560,6 +563,7 @@ impl DriverQueue {
             chain_len: vec![0; size as usize],
             chains: 0,
             heads: vec![0; if features.in_order { size as usize } else { 0 }],
+            used_through: None,
             avail_idx: 0,
             kicked_at: 0,
             last_used: 0,
@@ -692,10 +696,18 @@ impl DriverQueue {
         }
     }
 
-    /// Takes the next used chain: its head and the length the device wrote. Under
-    /// VIRTIO_F_IN_ORDER, a chain returned before one made available earlier is refused
-    /// ([`RingError::OutOfOrder`]) and the queue does not move.
+    /// Takes the next used chain: its head and the length the device wrote.
+    ///
+    /// Under VIRTIO_F_IN_ORDER a device may write one used entry for a batch, with the id
+    /// of the batch's last chain, and move the used index by the batch's size (virtio 1.2,
+    /// 2.7.9): the chains of the batch then come back one per call, oldest first, with
+    /// length 0 (the last with the length written). A used id that is not a chain in
+    /// flight at or after the oldest, or a batch longer than the used index moved, is
+    /// refused ([`RingError::OutOfOrder`]) and the queue does not move.
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, RingError> {
+        if let Some(last) = self.used_through {
+            return Ok(Some(self.release_in_order(last)));
+        }
         if self.used_cache == self.last_used {
             let now = self.rings.used_idx().load(Ordering::Acquire);
             if now.wrapping_sub(self.last_used) > self.rings.size {
@@ -710,30 +722,82 @@ impl DriverQueue {
             }
         }
         let (id, len) = self.rings.read_used_elem(self.last_used);
-        let n = match self.chain_len.get(id as usize) {
-            Some(&n) if n > 0 => n,
-            _ => return Err(RingError::BadUsedId(id)),
-        };
+        if !matches!(self.chain_len.get(id as usize), Some(&n) if n > 0) {
+            return Err(RingError::BadUsedId(id));
+        }
         if let Some(&expected) = self
             .heads
             .get((self.last_used & self.rings.mask()) as usize)
         {
             if id != expected as u32 {
-                return Err(RingError::OutOfOrder {
-                    expected: Some(expected),
-                    got: id as u16,
-                });
+                return self.batch_through(expected, id as u16, len).map(Some);
             }
         }
         self.last_used = self.last_used.wrapping_add(1);
-        let mut d = id as u16;
+        self.free_chain(id as u16);
+        Ok(Some((id as u16, len)))
+    }
+
+    /// Returns the descriptors of chain `head` (in flight) to the free list.
+    fn free_chain(&mut self, head: u16) {
+        let n = std::mem::take(&mut self.chain_len[head as usize]);
+        let mut d = head;
         for _ in 0..n {
             self.free.push_back(d);
             d = self.next[d as usize];
         }
-        self.chain_len[id as usize] = 0;
         self.chains -= 1;
-        Ok(Some((id as u16, len)))
+    }
+
+    /// Under IN_ORDER: used id `id` where the oldest chain in flight is `expected`. Accepted
+    /// as one entry for the batch from `expected` to `id` if `id` was made available
+    /// after it, with every chain between in flight, and the used index moved past the
+    /// whole batch; the oldest chain is then handed out.
+    #[cold]
+    fn batch_through(&mut self, expected: u16, id: u16, len: u32) -> Result<(u16, u32), RingError> {
+        let mask = self.rings.mask();
+        // How far the used index has moved by now (the cached value may predate the batch).
+        let now = self.rings.used_idx().load(Ordering::Acquire);
+        if now.wrapping_sub(self.last_used) > self.rings.size {
+            return Err(RingError::UsedJump {
+                last: self.last_used,
+                now,
+            });
+        }
+        self.used_cache = now;
+        let published = now.wrapping_sub(self.last_used);
+        let later = (1..self.chains.min(published as usize)).any(|k| {
+            self.heads
+                .get((self.last_used.wrapping_add(k as u16) & mask) as usize)
+                == Some(&id)
+        });
+        if !later {
+            return Err(RingError::OutOfOrder {
+                expected: Some(expected),
+                got: id,
+            });
+        }
+        self.used_through = Some((id, len));
+        Ok(self.release_in_order((id, len)))
+    }
+
+    /// Under IN_ORDER, within a batch that ends at `last` (id, length): frees the oldest
+    /// chain in flight and returns it, with the batch's length if it is the last one and 0
+    /// before.
+    fn release_in_order(&mut self, last: (u16, u32)) -> (u16, u32) {
+        let oldest = self
+            .heads
+            .get((self.last_used & self.rings.mask()) as usize)
+            .copied()
+            .unwrap_or(last.0);
+        self.last_used = self.last_used.wrapping_add(1);
+        self.free_chain(oldest);
+        if oldest == last.0 {
+            self.used_through = None;
+            (oldest, last.1)
+        } else {
+            (oldest, 0)
+        }
     }
 
     /// The id of the used entry `ahead` places after the next one, if the device already

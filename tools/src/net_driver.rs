@@ -129,9 +129,10 @@ pub struct NetDriverConfig {
     /// queue size, not only powers of two). Over the vmdev protocol and vhost-user; refused
     /// over vhost-vdpa ([`NetDriver::open_vhost_vdpa`]).
     pub packed: bool,
-    /// Negotiate VIRTIO_F_IN_ORDER if offered. A split ring then refuses a device that
-    /// returns a buffer before one made available earlier (a [`RingError::OutOfOrder`]); a
-    /// packed ring reads such a used id as covering every buffer up to it, as the spec says.
+    /// Negotiate VIRTIO_F_IN_ORDER if offered. Either ring form then reads a used id for a
+    /// later buffer as one entry for the batch up to it, as the spec allows (the earlier
+    /// buffers come back with length 0); a split ring refuses an id that cannot be that (a
+    /// [`RingError::OutOfOrder`]).
     pub in_order: bool,
 }
 
