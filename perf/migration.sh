@@ -9,28 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MOVES=${1:-20}; SIZE=${2:-64}
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q --workspace --bins
-B=$PWD/target/release
-RUN=$(mktemp -d /tmp/vmdev-migration.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$RUN"
-}
-trap cleanup EXIT
-NCPU=$(nproc)
-DP_ARGS=(); CLIENT_ARGS=()
-if [ "$NCPU" -ge 2 ]; then DP_ARGS=(--cpu $((NCPU - 1))); CLIENT_ARGS=(--cpu 0); fi
-export VMDEV_LOG=${VMDEV_LOG:-warn}
-"$B/vmdev-control" --run-dir "$RUN" & PIDS+=($!)
-for _ in $(seq 200); do [ -S "$RUN/control.sock" ] && break; sleep 0.05; done
-"$B/vmdev-datapath" --run-dir "$RUN" --name dp0 "${DP_ARGS[@]}" & PIDS+=($!)
-"$B/vmdev-datapath" --run-dir "$RUN" --name dp1 & PIDS+=($!)
-for _ in $(seq 200); do
-  [ "$("$B/vmdevctl" --run-dir "$RUN" types 2>/dev/null | grep -c '^dp[01]')" = 2 ] && break; sleep 0.05
-done
+. perf/daemons.sh migration
+start_datapath dp0 "${DP_ARGS[@]}"
+start_datapath dp1
 UUID=$("$B/vmdevctl" --run-dir "$RUN" start -p dp0 -t net-loopback --attr queue-size=256)
 echo "== migrate ($MOVES moves, $SIZE-byte frames)"
 "$B/vmdev-perf" migrate --run-dir "$RUN" -u "$UUID" --to dp1 --moves "$MOVES" --size "$SIZE" "${CLIENT_ARGS[@]}"

@@ -708,27 +708,14 @@ impl DriverQueue {
         if let Some(last) = self.used_through {
             return Ok(Some(self.release_in_order(last)));
         }
-        if self.used_cache == self.last_used {
-            let now = self.rings.used_idx().load(Ordering::Acquire);
-            if now.wrapping_sub(self.last_used) > self.rings.size {
-                return Err(RingError::UsedJump {
-                    last: self.last_used,
-                    now,
-                });
-            }
-            self.used_cache = now;
-            if now == self.last_used {
-                return Ok(None);
-            }
+        if self.used_cache == self.last_used && self.load_used_idx()? == self.last_used {
+            return Ok(None);
         }
         let (id, len) = self.rings.read_used_elem(self.last_used);
         if !matches!(self.chain_len.get(id as usize), Some(&n) if n > 0) {
             return Err(RingError::BadUsedId(id));
         }
-        if let Some(&expected) = self
-            .heads
-            .get((self.last_used & self.rings.mask()) as usize)
-        {
+        if let Some(expected) = self.head_made_available(self.last_used) {
             if id != expected as u32 {
                 return self.batch_through(expected, id as u16, len).map(Some);
             }
@@ -736,6 +723,26 @@ impl DriverQueue {
         self.last_used = self.last_used.wrapping_add(1);
         self.free_chain(id as u16);
         Ok(Some((id as u16, len)))
+    }
+
+    /// Reads the device's used index (acquire), refuses one more than a ring ahead of the
+    /// driver, and caches it.
+    fn load_used_idx(&mut self) -> Result<u16, RingError> {
+        let now = self.rings.used_idx().load(Ordering::Acquire);
+        if now.wrapping_sub(self.last_used) > self.rings.size {
+            return Err(RingError::UsedJump {
+                last: self.last_used,
+                now,
+            });
+        }
+        self.used_cache = now;
+        Ok(now)
+    }
+
+    /// Under IN_ORDER: the head this driver made available at avail index `idx` (its own
+    /// copy); `None` otherwise.
+    fn head_made_available(&self, idx: u16) -> Option<u16> {
+        self.heads.get((idx & self.rings.mask()) as usize).copied()
     }
 
     /// Returns the descriptors of chain `head` (in flight) to the free list.
@@ -755,22 +762,10 @@ impl DriverQueue {
     /// whole batch; the oldest chain is then handed out.
     #[cold]
     fn batch_through(&mut self, expected: u16, id: u16, len: u32) -> Result<(u16, u32), RingError> {
-        let mask = self.rings.mask();
         // How far the used index has moved by now (the cached value may predate the batch).
-        let now = self.rings.used_idx().load(Ordering::Acquire);
-        if now.wrapping_sub(self.last_used) > self.rings.size {
-            return Err(RingError::UsedJump {
-                last: self.last_used,
-                now,
-            });
-        }
-        self.used_cache = now;
-        let published = now.wrapping_sub(self.last_used);
-        let later = (1..self.chains.min(published as usize)).any(|k| {
-            self.heads
-                .get((self.last_used.wrapping_add(k as u16) & mask) as usize)
-                == Some(&id)
-        });
+        let published = self.load_used_idx()?.wrapping_sub(self.last_used);
+        let later = (1..self.chains.min(published as usize))
+            .any(|k| self.head_made_available(self.last_used.wrapping_add(k as u16)) == Some(id));
         if !later {
             return Err(RingError::OutOfOrder {
                 expected: Some(expected),
@@ -785,11 +780,7 @@ impl DriverQueue {
     /// chain in flight and returns it, with the batch's length if it is the last one and 0
     /// before.
     fn release_in_order(&mut self, last: (u16, u32)) -> (u16, u32) {
-        let oldest = self
-            .heads
-            .get((self.last_used & self.rings.mask()) as usize)
-            .copied()
-            .unwrap_or(last.0);
+        let oldest = self.head_made_available(self.last_used).unwrap_or(last.0);
         self.last_used = self.last_used.wrapping_add(1);
         self.free_chain(oldest);
         if oldest == last.0 {
