@@ -1,12 +1,17 @@
 # Sourced by the perf/ scripts (`. perf/daemons.sh NAME` from the repository's root): builds
-# the release binaries, makes a run directory /tmp/vmdev-NAME.XXXXXX, starts vmdev-control
-# there and stops everything started (and removes the directory) when the script exits.
-# Sets B (the binaries), RUN, DP_ARGS (pins a datapath to the last CPU) and CLIENT_ARGS
-# (pins a driver to CPU 0), both empty on one CPU. `start_datapath NAME [ARGS..]` starts a
+# the release binaries (or takes them from $VMDEV_BIN_DIR, as perf/layouts.sh does), makes a
+# run directory /tmp/vmdev-NAME.XXXXXX, starts vmdev-control there and stops everything
+# started (and removes the directory) when the script exits. Sets B (the binaries), RUN,
+# DP_ARGS (pins a datapath to the last CPU) and CLIENT_ARGS (pins a driver to CPU 0), both
+# empty on one CPU. `start_datapath NAME [ARGS..]` starts a
 # datapath and waits until the control plane lists it.
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q --workspace --bins
-B=$PWD/target/release
+if [ -n "${VMDEV_BIN_DIR:-}" ]; then
+  B=$VMDEV_BIN_DIR
+else
+  cargo build --release -q --workspace --bins
+  B=$PWD/target/release
+fi
 RUN=$(mktemp -d "/tmp/vmdev-$1.XXXXXX")
 PIDS=()
 cleanup() {
