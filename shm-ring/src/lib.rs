@@ -11,7 +11,8 @@
 //! * [`chain`]: a validated descriptor chain, resolved to host memory once.
 //! * [`prefetch`]: cache hints a batching datapath issues before touching a batch.
 //!
-//! Everything read from guest memory is read as bytes and checked before use; nothing in
+//! Everything read from guest memory is read once, with volatile word loads (`volatile`),
+//! and checked before use; nothing in
 //! this crate panics on guest-controlled data.
 
 #![warn(missing_docs)]
@@ -27,6 +28,7 @@ pub mod memory;
 pub mod packed;
 pub mod prefetch;
 pub mod split;
+mod volatile;
 
 pub use addr::GuestAddr;
 pub use chain::Chain;

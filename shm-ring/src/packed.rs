@@ -22,7 +22,7 @@
 //! descriptor's flags is written first, then those flags.
 
 use crate::split::{RingFeatures, Segment, MAX_INDIRECT};
-use crate::{chain::Chain, memory::GuestMemory, GuestAddr, RingError};
+use crate::{chain::Chain, memory::GuestMemory, volatile, GuestAddr, RingError};
 use std::collections::VecDeque;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
@@ -283,48 +283,59 @@ impl Rings {
         }
     }
 
+    /// Pointer to byte `field` of descriptor `index`.
+    fn desc_ptr(&self, index: u16, field: usize) -> *mut u8 {
+        // SAFETY: `desc_off` is inside the ring validated at setup and `field` < 16 (a
+        // descriptor's size), so the pointer stays inside the mapping.
+        unsafe { self.desc.as_ptr().add(self.desc_off(index) + field) }
+    }
+
     /// Reads addr, len and id of descriptor `index` (after its flags were loaded), once.
     fn read_body(&self, index: u16) -> (u64, u32, u16) {
-        // SAFETY: 14 bytes inside the ring validated at setup, read once as bytes.
-        let b = unsafe {
-            std::ptr::read_volatile(
-                self.desc
-                    .as_ptr()
-                    .add(self.desc_off(index))
-                    .cast::<[u8; 14]>(),
+        // SAFETY: bytes 0..14 of a descriptor inside the ring validated at setup (16-aligned,
+        // so each field is aligned).
+        unsafe {
+            (
+                volatile::load_u64(self.desc_ptr(index, 0)),
+                volatile::load_u32(self.desc_ptr(index, 8)),
+                volatile::load_u16(self.desc_ptr(index, 12)),
             )
-        };
-        decode_body(&b)
+        }
+    }
+
+    /// Reads len and id of used descriptor `index` (after its flags were loaded), once.
+    fn read_used_body(&self, index: u16) -> (u32, u16) {
+        // SAFETY: bytes 8..14 of a descriptor inside the ring validated at setup.
+        unsafe {
+            (
+                volatile::load_u32(self.desc_ptr(index, 8)),
+                volatile::load_u16(self.desc_ptr(index, 12)),
+            )
+        }
+    }
+
+    /// Reads the buffer id of descriptor `index`, once.
+    fn read_id(&self, index: u16) -> u16 {
+        // SAFETY: bytes 12..14 of a descriptor inside the ring validated at setup.
+        unsafe { volatile::load_u16(self.desc_ptr(index, 12)) }
     }
 
     /// Writes addr, len and id of descriptor `index` (its flags are stored separately).
     fn write_body(&self, index: u16, addr: u64, len: u32, id: u16) {
-        // SAFETY: 14 bytes inside the ring validated at setup.
+        // SAFETY: bytes 0..14 of a descriptor inside the ring validated at setup.
         unsafe {
-            std::ptr::write_volatile(
-                self.desc
-                    .as_ptr()
-                    .add(self.desc_off(index))
-                    .cast::<[u8; 14]>(),
-                encode_body(addr, len, id),
-            )
+            volatile::store_u64(self.desc_ptr(index, 0), addr);
+            volatile::store_u32(self.desc_ptr(index, 8), len);
+            volatile::store_u16(self.desc_ptr(index, 12), id);
         }
     }
 
     /// Writes len and id of a used descriptor (the address field is left alone).
     fn write_used_body(&self, index: u16, len: u32, id: u16) {
-        let mut b = [0u8; 6];
-        b[..4].copy_from_slice(&len.to_le_bytes());
-        b[4..].copy_from_slice(&id.to_le_bytes());
         // SAFETY: bytes 8..14 of a descriptor inside the ring validated at setup.
         unsafe {
-            std::ptr::write_volatile(
-                self.desc
-                    .as_ptr()
-                    .add(self.desc_off(index) + 8)
-                    .cast::<[u8; 6]>(),
-                b,
-            )
+            volatile::store_u32(self.desc_ptr(index, 8), len);
+            volatile::store_u16(self.desc_ptr(index, 12), id);
         }
     }
 
@@ -343,20 +354,6 @@ impl Rings {
     fn device_event(&self) -> &AtomicU32 {
         self.event(self.device)
     }
-}
-
-fn decode_body(b: &[u8; 14]) -> (u64, u32, u16) {
-    let addr = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-    let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-    (addr, len, u16::from_le_bytes([b[12], b[13]]))
-}
-
-fn encode_body(addr: u64, len: u32, id: u16) -> [u8; 14] {
-    let mut b = [0u8; 14];
-    b[..8].copy_from_slice(&addr.to_le_bytes());
-    b[8..12].copy_from_slice(&len.to_le_bytes());
-    b[12..].copy_from_slice(&id.to_le_bytes());
-    b
 }
 
 /// An event suppression structure as one 32-bit value.
@@ -405,21 +402,27 @@ impl PackedDescriptor {
     }
 
     fn read(table: NonNull<u8>, index: u32) -> Self {
-        // SAFETY: callers bound `index` by the table length validated at translation; the
-        // 16 bytes are read once, as bytes, and never re-read.
-        let b = unsafe {
-            std::ptr::read_volatile(table.as_ptr().add(index as usize * 16).cast::<[u8; 16]>())
-        };
-        Self::decode(&b)
+        let p = table.as_ptr().wrapping_add(index as usize * 16);
+        // SAFETY: callers bound `index` by the table length validated at translation; each
+        // field is read once.
+        unsafe {
+            PackedDescriptor {
+                addr: volatile::load_u64(p),
+                len: volatile::load_u32(p.add(8)),
+                id: volatile::load_u16(p.add(12)),
+                flags: volatile::load_u16(p.add(14)),
+            }
+        }
     }
 
     fn write(&self, table: NonNull<u8>, index: u32) {
+        let p = table.as_ptr().wrapping_add(index as usize * 16);
         // SAFETY: callers bound `index` by the table length they validated.
         unsafe {
-            std::ptr::write_volatile(
-                table.as_ptr().add(index as usize * 16).cast::<[u8; 16]>(),
-                self.encode(),
-            )
+            volatile::store_u64(p, self.addr);
+            volatile::store_u32(p.add(8), self.len);
+            volatile::store_u16(p.add(12), self.id);
+            volatile::store_u16(p.add(14), self.flags);
         }
     }
 }
@@ -1047,7 +1050,7 @@ impl PackedDriverQueue {
         if !is_used(flags, pos.wrap) {
             return Ok(None);
         }
-        let (_, len, id) = self.rings.read_body(pos.index);
+        let (len, id) = self.rings.read_used_body(pos.index);
         if !matches!(self.desc_count.get(id as usize), Some(&n) if n > 0) {
             return Err(RingError::BadUsedId(id as u32));
         }
@@ -1082,7 +1085,7 @@ impl PackedDriverQueue {
             if !is_used(flags, pos.wrap) {
                 break;
             }
-            let (_, _, id) = self.rings.read_body(pos.index);
+            let id = self.rings.read_id(pos.index);
             if id < self.rings.size {
                 f(id);
             }
@@ -1098,7 +1101,7 @@ impl PackedDriverQueue {
         if self.features.in_order {
             return Some(self.last_used.index);
         }
-        let (_, _, id) = self.rings.read_body(self.last_used.index);
+        let id = self.rings.read_id(self.last_used.index);
         (id < self.rings.size).then_some(id)
     }
 

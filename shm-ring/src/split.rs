@@ -6,7 +6,7 @@
 //! * device (used) ring: flags u16, idx u16, ring\[size\] {id u32, len u32}, avail_event u16;
 //!   4-aligned.
 
-use crate::{chain::Chain, memory::GuestMemory, GuestAddr, RingError};
+use crate::{chain::Chain, memory::GuestMemory, volatile, GuestAddr, RingError};
 use std::collections::VecDeque;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
@@ -140,22 +140,33 @@ impl Rings {
         self.u16_atomic(self.used, 4 + 8 * self.size as usize)
     }
 
-    /// Writes a used element unless it already holds those bytes: a driver that uses its
+    /// Pointer to used element `slot` (4-aligned: the ring is, and elements are 8 bytes).
+    fn used_elem(&self, slot: u16) -> *mut u8 {
+        // SAFETY: the element lies inside the used ring validated at setup (`mask()` bounds
+        // the slot by the ring size).
+        unsafe {
+            self.used
+                .as_ptr()
+                .add(4 + 8 * (slot & self.mask()) as usize)
+        }
+    }
+
+    /// Writes a used element unless it already holds those values: a driver that uses its
     /// descriptors in ring order gets the same id and length in the same slot lap after
-    /// lap (see [`store_if_changed`]).
+    /// lap, and an unchanged line is not pulled to this core.
     fn write_used_elem(&self, slot: u16, id: u32, len: u32) {
-        let off = 4 + 8 * (slot & self.mask()) as usize;
-        let v = ((id as u64) | ((len as u64) << 32)).to_le_bytes();
-        // SAFETY: the 8 bytes at `off` are inside the used ring validated at setup.
-        unsafe { store_if_changed(self.used.as_ptr().add(off).cast(), v) }
+        let p = self.used_elem(slot);
+        // SAFETY: the 8 bytes at `p` are inside the used ring validated at setup.
+        unsafe {
+            volatile::store_u32_if_changed(p, id);
+            volatile::store_u32_if_changed(p.add(4), len);
+        }
     }
 
     fn read_used_elem(&self, slot: u16) -> (u32, u32) {
-        let off = 4 + 8 * (slot & self.mask()) as usize;
-        // SAFETY: inside the used ring.
-        let b = unsafe { std::ptr::read_volatile(self.used.as_ptr().add(off).cast::<[u8; 8]>()) };
-        let v = u64::from_le_bytes(b);
-        (v as u32, (v >> 32) as u32)
+        let p = self.used_elem(slot);
+        // SAFETY: the 8 bytes at `p` are inside the used ring validated at setup.
+        unsafe { (volatile::load_u32(p), volatile::load_u32(p.add(4))) }
     }
 }
 
@@ -174,13 +185,10 @@ pub struct Descriptor {
 
 impl Descriptor {
     fn read(table: NonNull<u8>, index: u32) -> Descriptor {
+        let p = table.as_ptr().wrapping_add(index as usize * 16);
         // SAFETY: callers bound `index` by the table length validated at translation; the
-        // 16 bytes are read once, as bytes, and never re-read.
-        let b = unsafe {
-            std::ptr::read_volatile(table.as_ptr().add(index as usize * 16).cast::<[u8; 16]>())
-        };
-        let lo = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-        let hi = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        // two words are read once and never re-read.
+        let (lo, hi) = unsafe { (volatile::load_u64(p), volatile::load_u64(p.add(8))) };
         Descriptor {
             addr: lo,
             len: hi as u32,
@@ -191,27 +199,12 @@ impl Descriptor {
 
     fn write(self, table: NonNull<u8>, index: u32) {
         let hi = self.len as u64 | (self.flags as u64) << 32 | (self.next as u64) << 48;
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&self.addr.to_le_bytes());
-        b[8..].copy_from_slice(&hi.to_le_bytes());
+        let p = table.as_ptr().wrapping_add(index as usize * 16);
         // SAFETY: callers bound `index` by the table length they validated. An unchanged
         // descriptor (a buffer reposted in the same slot) is not stored again.
-        unsafe { store_if_changed(table.as_ptr().add(index as usize * 16).cast(), b) }
-    }
-}
-
-/// Stores `v` at `p` unless `p` already holds those bytes. A store moves the line to the
-/// writer's core even when it changes nothing; skipping it leaves a line both sides read
-/// shared in both caches. The other side reads the right value either way.
-///
-/// # Safety
-/// `p` must be valid for reads and writes of `N` bytes (no alignment needed).
-unsafe fn store_if_changed<const N: usize>(p: *mut [u8; N], v: [u8; N]) {
-    // SAFETY: the caller's contract; `[u8; N]` has alignment 1. Guest memory is only ever
-    // accessed with volatile copies.
-    unsafe {
-        if std::ptr::read_volatile(p) != v {
-            std::ptr::write_volatile(p, v)
+        unsafe {
+            volatile::store_u64_if_changed(p, self.addr);
+            volatile::store_u64_if_changed(p.add(8), hi);
         }
     }
 }
