@@ -249,16 +249,19 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
     }
     let first_rt = w0.elapsed();
     std::thread::sleep(Duration::from_millis(100));
-    let mut ms = |drivers: &mut [NetDriver]| -> Result<u64> {
+    // Frames per 100 µs over one millisecond (a round counts where it started).
+    let mut per_100us = |drivers: &mut [NetDriver]| -> Result<[u64; 10]> {
         let t = Instant::now();
-        let mut n = 0;
-        while t.elapsed() < Duration::from_millis(1) {
-            n += round(drivers, &frame, 32, &mut buf)?;
+        let mut b = [0u64; 10];
+        while let Some(slot) = b.get_mut((t.elapsed().as_micros() / 100) as usize) {
+            *slot += round(drivers, &frame, 32, &mut buf)?;
         }
-        Ok(n)
+        Ok(b)
     };
-    let first_ms = ms(&mut drivers)?;
-    let steady_ms = ms(&mut drivers)?;
+    let first = per_100us(&mut drivers)?;
+    let steady = per_100us(&mut drivers)?;
+    let (first_ms, steady_ms) = (first.iter().sum::<u64>(), steady.iter().sum::<u64>());
+    let full_after_us = full_rate_after(&first, steady_ms).map(|i| i * 100);
     if a.json {
         println!(
             "{}",
@@ -267,6 +270,7 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
                 "idle_seconds": a.seconds, "idle_cpu_percent": idle_pct,
                 "wake_round_trip_ns": first_rt.as_nanos() as u64,
                 "frames_first_ms_after_idle": first_ms, "frames_steady_ms": steady_ms,
+                "frames_per_100us_first_ms": first, "full_rate_after_us": full_after_us,
             }))?
         );
         return Ok(());
@@ -288,5 +292,44 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
         "frames in the first ms after 100 ms idle: {first_ms} (steady ms: {steady_ms}, {:.0} %)",
         first_ms as f64 / steady_ms.max(1) as f64 * 100.0
     );
+    let buckets: Vec<String> = first.iter().map(u64::to_string).collect();
+    match full_after_us {
+        Some(us) => println!(
+            "full rate from {us} µs on (frames per 100 µs: {})",
+            buckets.join(" ")
+        ),
+        None => println!(
+            "not at full rate within the first ms (frames per 100 µs: {})",
+            buckets.join(" ")
+        ),
+    }
     Ok(())
+}
+
+/// The first 100 µs slot of `first` from which the slots carry, on average, at least 90 %
+/// of a tenth of `steady_ms`: when a woken device is back at full rate. An average, not
+/// every slot, since single 100 µs slots vary by ±20 % here even at a steady rate.
+fn full_rate_after(first: &[u64], steady_ms: u64) -> Option<usize> {
+    let floor = steady_ms as f64 / first.len().max(1) as f64 * 0.9;
+    (0..first.len()).find(|&i| {
+        let rest = &first[i..];
+        rest.iter().sum::<u64>() as f64 / rest.len() as f64 >= floor
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::full_rate_after;
+
+    #[test]
+    fn full_rate_is_the_slot_from_which_the_rest_average_ninety_percent() {
+        // A tenth of 1000 is 100; 90 % of it is 90.
+        let woken = [0, 50, 60, 95, 85, 100, 90, 95, 90, 100];
+        assert_eq!(full_rate_after(&woken, 1000), Some(3));
+        assert_eq!(full_rate_after(&[100; 10], 1000), Some(0));
+        assert_eq!(
+            full_rate_after(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 89], 1000),
+            None
+        );
+    }
 }

@@ -1,0 +1,54 @@
+//! `vmdev-perf idle` through the real daemons: it runs a device busy, lets it idle, reads
+//! the datapath's CPU time, wakes it and reports the first millisecond in 100 µs slots.
+//! Only what it reports is checked, never how fast: timing belongs to perf/.
+
+use std::process::Command;
+use vmdev_tests::{bin_path, Daemons};
+
+#[test]
+fn idle_reports_cpu_time_and_the_first_millisecond_after_waking() {
+    let mut d = Daemons::start();
+    d.add_datapath("dp0");
+    let u = d.start_device("dp0", &[]).to_string();
+    let out = Command::new(bin_path("vmdev-perf"))
+        .arg("idle")
+        .arg("--run-dir")
+        .arg(&d.run_dir)
+        .args(["-u", &u, "--seconds", "0.2", "--json"])
+        .output()
+        .expect("running vmdev-perf");
+    assert!(
+        out.status.success(),
+        "vmdev-perf idle failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(v["benchmark"], "idle");
+    assert!(v["busy_frames_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
+    assert!(v["wake_round_trip_ns"].as_u64().unwrap_or(0) > 0, "{v}");
+    let cpu = v["idle_cpu_percent"].as_f64().expect("idle CPU share");
+    assert!((0.0..=100.0 * 2.0).contains(&cpu), "{v}");
+    // The slots add up to the first millisecond's frames.
+    let slots: Vec<u64> = v["frames_per_100us_first_ms"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .map(|n| n.as_u64().expect("a count"))
+        .collect();
+    assert_eq!(slots.len(), 10, "{v}");
+    assert_eq!(
+        slots.iter().sum::<u64>(),
+        v["frames_first_ms_after_idle"].as_u64().expect("first ms"),
+        "{v}"
+    );
+    match &v["full_rate_after_us"] {
+        serde_json::Value::Null => {}
+        us => {
+            let us = us.as_u64().expect("µs");
+            assert!(us < 1000 && us % 100 == 0, "{v}");
+        }
+    }
+    // The device really moved frames.
+    let uuid = u.parse().expect("uuid");
+    assert!(d.client().stats(uuid).expect("stats").queues[0].packets > 0);
+}
