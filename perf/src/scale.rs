@@ -292,17 +292,11 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
         "frames in the first ms after 100 ms idle: {first_ms} (steady ms: {steady_ms}, {:.0} %)",
         first_ms as f64 / steady_ms.max(1) as f64 * 100.0
     );
-    let buckets: Vec<String> = first.iter().map(u64::to_string).collect();
-    match full_after_us {
-        Some(us) => println!(
-            "full rate from {us} µs on (frames per 100 µs: {})",
-            buckets.join(" ")
-        ),
-        None => println!(
-            "not at full rate within the first ms (frames per 100 µs: {})",
-            buckets.join(" ")
-        ),
-    }
+    let when = full_after_us.map_or("not at full rate within the first ms".into(), |us| {
+        format!("full rate from {us} µs on")
+    });
+    let slots: Vec<String> = first.iter().map(u64::to_string).collect();
+    println!("{when} (frames per 100 µs: {})", slots.join(" "));
     Ok(())
 }
 
