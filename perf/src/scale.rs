@@ -249,19 +249,16 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
     }
     let first_rt = w0.elapsed();
     std::thread::sleep(Duration::from_millis(100));
-    // Frames per 100 µs over one millisecond (a round counts where it started).
-    let mut per_100us = |drivers: &mut [NetDriver]| -> Result<[u64; 10]> {
-        let t = Instant::now();
-        let mut b = [0u64; 10];
-        while let Some(slot) = b.get_mut((t.elapsed().as_micros() / 100) as usize) {
-            *slot += round(drivers, &frame, 32, &mut buf)?;
-        }
-        Ok(b)
-    };
-    let first = per_100us(&mut drivers)?;
-    let steady = per_100us(&mut drivers)?;
-    let (first_ms, steady_ms) = (first.iter().sum::<u64>(), steady.iter().sum::<u64>());
-    let full_after_us = full_rate_after(&first, steady_ms).map(|i| i * 100);
+    // Frames per 100 µs over the 5 ms after a second idle spell (a round counts in the
+    // slot where it started), against the busy rate measured before the first.
+    let t = Instant::now();
+    let mut slots = [0u64; WAKE_SLOTS];
+    while let Some(slot) = slots.get_mut((t.elapsed().as_micros() / 100) as usize) {
+        *slot += round(&mut drivers, &frame, 32, &mut buf)?;
+    }
+    let busy_per_slot = busy_fps / 1e4;
+    let first_ms = slots[..10].iter().sum::<u64>();
+    let full_after_us = full_rate_after(&slots, busy_per_slot).map(|i| i * 100);
     if a.json {
         println!(
             "{}",
@@ -269,8 +266,8 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
                 "benchmark": "idle", "parent": dev.parent, "busy_frames_per_s": busy_fps,
                 "idle_seconds": a.seconds, "idle_cpu_percent": idle_pct,
                 "wake_round_trip_ns": first_rt.as_nanos() as u64,
-                "frames_first_ms_after_idle": first_ms, "frames_steady_ms": steady_ms,
-                "frames_per_100us_first_ms": first, "full_rate_after_us": full_after_us,
+                "frames_first_ms_after_idle": first_ms,
+                "frames_per_100us_after_idle": &slots[..], "full_rate_after_us": full_after_us,
             }))?
         );
         return Ok(());
@@ -289,26 +286,34 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
         first_rt.as_nanos() as f64 / 1e3
     );
     println!(
-        "frames in the first ms after 100 ms idle: {first_ms} (steady ms: {steady_ms}, {:.0} %)",
-        first_ms as f64 / steady_ms.max(1) as f64 * 100.0
+        "frames in the first ms after 100 ms idle: {first_ms} ({:.0} % of a busy ms)",
+        first_ms as f64 / (busy_per_slot * 10.0).max(1.0) * 100.0
     );
-    let when = full_after_us.map_or("not at full rate within the first ms".into(), |us| {
-        format!("full rate from {us} µs on")
-    });
-    let slots: Vec<String> = first.iter().map(u64::to_string).collect();
-    println!("{when} (frames per 100 µs: {})", slots.join(" "));
+    let when = full_after_us.map_or(
+        "not back at 90 % of the busy rate within 5 ms".into(),
+        |us| format!("back at 90 % of the busy rate from {us} µs on"),
+    );
+    let per_ms: Vec<String> = slots
+        .chunks(10)
+        .map(|c| c.iter().sum::<u64>().to_string())
+        .collect();
+    println!("{when} (frames per ms: {})", per_ms.join(" "));
     Ok(())
 }
 
-/// The first 100 µs slot of `first` from which the slots carry, on average, at least 90 %
-/// of a tenth of `steady_ms`: when a woken device is back at full rate. An average, not
-/// every slot, since single 100 µs slots vary by ±20 % here even at a steady rate.
-fn full_rate_after(first: &[u64], steady_ms: u64) -> Option<usize> {
-    let floor = steady_ms as f64 / first.len().max(1) as f64 * 0.9;
-    (0..first.len()).find(|&i| {
-        let rest = &first[i..];
-        rest.iter().sum::<u64>() as f64 / rest.len() as f64 >= floor
-    })
+/// 100 µs slots measured after an idle spell: 5 ms.
+const WAKE_SLOTS: usize = 50;
+
+/// The first slot of `slots` from which every 1 ms window (ten slots) carries at least
+/// 90 % of a busy millisecond: when a woken device is back at its busy rate. Windows, not
+/// single slots, since a 100 µs slot varies by ±20 % here even at a steady rate.
+fn full_rate_after(slots: &[u64], busy_per_slot: f64) -> Option<usize> {
+    const W: usize = 10;
+    let ok: Vec<bool> = slots
+        .windows(W)
+        .map(|w| w.iter().sum::<u64>() as f64 >= 0.9 * busy_per_slot * W as f64)
+        .collect();
+    (0..ok.len()).find(|&i| ok[i..].iter().all(|&b| b))
 }
 
 #[cfg(test)]
@@ -316,14 +321,15 @@ mod tests {
     use super::full_rate_after;
 
     #[test]
-    fn full_rate_is_the_slot_from_which_the_rest_average_ninety_percent() {
-        // A tenth of 1000 is 100; 90 % of it is 90.
-        let woken = [0, 50, 60, 95, 85, 100, 90, 95, 90, 100];
-        assert_eq!(full_rate_after(&woken, 1000), Some(3));
-        assert_eq!(full_rate_after(&[100; 10], 1000), Some(0));
-        assert_eq!(
-            full_rate_after(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 89], 1000),
-            None
-        );
+    fn full_rate_is_where_every_later_millisecond_reaches_ninety_percent() {
+        // A window of ten slots at 100 a slot carries 1000; 90 % of it is 900.
+        let woken: Vec<u64> = [0; 10].into_iter().chain([100; 40]).collect();
+        assert_eq!(full_rate_after(&woken, 100.0), Some(9));
+        assert_eq!(full_rate_after(&[100; 50], 100.0), Some(0));
+        // A slow last millisecond: never back for good.
+        let sagging: Vec<u64> = [100; 45].into_iter().chain([0; 5]).collect();
+        assert_eq!(full_rate_after(&sagging, 100.0), None);
+        // Fewer slots than a window: nothing to say.
+        assert_eq!(full_rate_after(&[100; 5], 100.0), None);
     }
 }
