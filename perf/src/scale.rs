@@ -257,7 +257,7 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
         *slot += round(&mut drivers, &frame, 32, &mut buf)?;
     }
     let busy_per_slot = busy_fps / 1e4;
-    let first_ms = slots[..10].iter().sum::<u64>();
+    let first_ms = slots[..SLOTS_PER_MS].iter().sum::<u64>();
     let full_after_us = full_rate_after(&slots, busy_per_slot).map(|i| i * 100);
     if a.json {
         println!(
@@ -287,31 +287,33 @@ pub fn idle(a: &IdleArgs) -> Result<()> {
     );
     println!(
         "frames in the first ms after 100 ms idle: {first_ms} ({:.0} % of a busy ms)",
-        first_ms as f64 / (busy_per_slot * 10.0).max(1.0) * 100.0
+        first_ms as f64 / (busy_per_slot * SLOTS_PER_MS as f64).max(1.0) * 100.0
     );
     let when = full_after_us.map_or(
         "not back at 90 % of the busy rate within 5 ms".into(),
         |us| format!("back at 90 % of the busy rate from {us} µs on"),
     );
     let per_ms: Vec<String> = slots
-        .chunks(10)
+        .chunks(SLOTS_PER_MS)
         .map(|c| c.iter().sum::<u64>().to_string())
         .collect();
     println!("{when} (frames per ms: {})", per_ms.join(" "));
     Ok(())
 }
 
+/// 100 µs slots in a millisecond.
+const SLOTS_PER_MS: usize = 10;
+
 /// 100 µs slots measured after an idle spell: 5 ms.
-const WAKE_SLOTS: usize = 50;
+const WAKE_SLOTS: usize = 5 * SLOTS_PER_MS;
 
 /// The first slot of `slots` from which every 1 ms window (ten slots) carries at least
 /// 90 % of a busy millisecond: when a woken device is back at its busy rate. Windows, not
 /// single slots, since a 100 µs slot varies by ±20 % here even at a steady rate.
 fn full_rate_after(slots: &[u64], busy_per_slot: f64) -> Option<usize> {
-    const W: usize = 10;
     let ok: Vec<bool> = slots
-        .windows(W)
-        .map(|w| w.iter().sum::<u64>() as f64 >= 0.9 * busy_per_slot * W as f64)
+        .windows(SLOTS_PER_MS)
+        .map(|w| w.iter().sum::<u64>() as f64 >= 0.9 * busy_per_slot * SLOTS_PER_MS as f64)
         .collect();
     (0..ok.len()).find(|&i| ok[i..].iter().all(|&b| b))
 }

@@ -128,6 +128,17 @@ impl Daemons {
             .expect("run vmdevctl")
     }
 
+    /// Runs `vmdev-perf SUBCOMMAND --run-dir DIR ARGS…`.
+    pub fn vmdev_perf(&self, subcommand: &str, args: &[&str]) -> Output {
+        Command::new(bin_path("vmdev-perf"))
+            .arg(subcommand)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .args(args)
+            .output()
+            .expect("run vmdev-perf")
+    }
+
     /// Starts a net-loopback device on `parent` with vmdevctl; returns its UUID.
     pub fn start_device(&self, parent: &str, attrs: &[&str]) -> Uuid {
         self.start_device_with(parent, attrs, None)

@@ -3,21 +3,14 @@
 //! 100 µs slots.
 //! Only what it reports is checked, never how fast: timing belongs to perf/.
 
-use std::process::Command;
-use vmdev_tests::{bin_path, Daemons};
+use vmdev_tests::Daemons;
 
 #[test]
 fn idle_reports_cpu_time_and_the_first_millisecond_after_waking() {
     let mut d = Daemons::start();
     d.add_datapath("dp0");
     let u = d.start_device("dp0", &[]).to_string();
-    let out = Command::new(bin_path("vmdev-perf"))
-        .arg("idle")
-        .arg("--run-dir")
-        .arg(&d.run_dir)
-        .args(["-u", &u, "--seconds", "0.2", "--json"])
-        .output()
-        .expect("running vmdev-perf");
+    let out = d.vmdev_perf("idle", &["-u", &u, "--seconds", "0.2", "--json"]);
     assert!(
         out.status.success(),
         "vmdev-perf idle failed: {}",

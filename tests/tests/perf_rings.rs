@@ -3,18 +3,12 @@
 //! pair it cannot compare. Only what it reports is checked, never how fast: timing belongs
 //! to perf/.
 
-use std::process::Command;
-use vmdev_tests::{bin_path, Daemons};
+use vmdev_tests::Daemons;
 
 fn rings(d: &Daemons, args: &[&str]) -> std::process::Output {
-    Command::new(bin_path("vmdev-perf"))
-        .arg("rings")
-        .arg("--run-dir")
-        .arg(&d.run_dir)
-        .args(["--floor-iters", "0", "--json"])
-        .args(args)
-        .output()
-        .expect("running vmdev-perf")
+    let mut all = vec!["--floor-iters", "0", "--json"];
+    all.extend_from_slice(args);
+    d.vmdev_perf("rings", &all)
 }
 
 #[test]
