@@ -1,6 +1,6 @@
 //! `vmdev-perf idle` through the real daemons: it runs a device busy, lets it idle, reads
-//! the datapath's CPU time, wakes it and reports the 5 ms after a second idle spell in
-//! 100 µs slots.
+//! the datapath's CPU time, wakes it and reports the 5 ms after each further idle spell in
+//! 100 µs slots, and the median wake.
 //! Only what it reports is checked, never how fast: timing belongs to perf/.
 
 use vmdev_tests::Daemons;
@@ -10,7 +10,10 @@ fn idle_reports_cpu_time_and_the_first_millisecond_after_waking() {
     let mut d = Daemons::start();
     d.add_datapath("dp0");
     let u = d.start_device("dp0", &[]).to_string();
-    let out = d.vmdev_perf("idle", &["-u", &u, "--seconds", "0.2", "--json"]);
+    let out = d.vmdev_perf(
+        "idle",
+        &["-u", &u, "--seconds", "0.2", "--wakes", "3", "--json"],
+    );
     assert!(
         out.status.success(),
         "vmdev-perf idle failed: {}",
@@ -36,12 +39,29 @@ fn idle_reports_cpu_time_and_the_first_millisecond_after_waking() {
         v["frames_first_ms_after_idle"].as_u64().expect("first ms"),
         "{v}"
     );
+    // Three wakes, each with its 5 ms per ms; the first one's is the slots above.
+    let per_ms = v["frames_per_ms_after_idle_each"]
+        .as_array()
+        .expect("per ms");
+    assert_eq!(per_ms.len(), 3, "{v}");
+    let first: Vec<u64> = slots.chunks(10).map(|c| c.iter().sum()).collect();
+    assert_eq!(per_ms[0], serde_json::json!(first), "{v}");
+    // The median wake is one of the three (a wake that never got there counts as slowest).
+    let each: Vec<u64> = v["full_rate_after_us_each"]
+        .as_array()
+        .expect("each wake")
+        .iter()
+        .map(|w| w.as_u64().unwrap_or(u64::MAX))
+        .collect();
+    assert_eq!(each.len(), 3, "{v}");
+    for &us in each.iter().filter(|&&us| us != u64::MAX) {
+        assert!(us < 5000 && us % 100 == 0, "{v}");
+    }
+    let mut sorted = each.clone();
+    sorted.sort_unstable();
     match &v["full_rate_after_us"] {
-        serde_json::Value::Null => {}
-        us => {
-            let us = us.as_u64().expect("µs");
-            assert!(us < 5000 && us % 100 == 0, "{v}");
-        }
+        serde_json::Value::Null => assert_eq!(sorted[1], u64::MAX, "{v}"),
+        us => assert_eq!(us.as_u64(), Some(sorted[1]), "{v}"),
     }
     // The device really moved frames.
     let uuid = u.parse().expect("uuid");
