@@ -327,8 +327,8 @@ fn address_that_wraps_past_2_pow_64() {
 fn buffer_straddling_the_end_of_memory() {
     let s = Suite::new();
     let v = s.victim();
-    let (base, len) = v.tx_area();
-    let end = base + len; // the driver's memory ends here (TX buffers come last)
+    let (base, len) = v.mem_area();
+    let end = base + len;
     write_descs(&v, TX, &[(end - 32, 64, 0, 0)]);
     publish_tx(&v, 0, 1);
     expect_needs_reset(v);

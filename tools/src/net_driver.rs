@@ -549,7 +549,10 @@ impl<T: DeviceTransport> NetDriver<T> {
         off = round_up(off + rx_buf * sizes[0] as u64, 4096);
         let tx_off = off;
         off = round_up(off + tx_buf * sizes[1] as u64, 4096);
-        let mem_size = off;
+        // Whole 2 MiB, so that the memory can sit in transparent huge pages (GuestMemory
+        // asks for them): a 4 KiB page per buffer or two thrashes the datapath's TLB once
+        // it serves tens of devices.
+        let mem_size = round_up(off, 2 << 20);
         let base = choose_base(c.address_range()?, mem_size)?;
         let mut rings = [RingAddrs {
             desc: 0,
@@ -1050,6 +1053,12 @@ impl<T: DeviceTransport> NetDriver<T> {
     /// Guest address and length of the TX buffer area (what the device only reads).
     pub fn tx_area(&self) -> (u64, u64) {
         (self.tx_base, self.tx_buf * self.rings[1].size as u64)
+    }
+
+    /// Guest address and length of all the driver's memory (rings, buffers and the padding
+    /// up to a whole 2 MiB): what the device may touch, for tests aiming at its edges.
+    pub fn mem_area(&self) -> (u64, u64) {
+        (self.base, self.mem.region_sizes().iter().sum())
     }
 
     /// Kicks queue `q` unconditionally.
