@@ -27,14 +27,42 @@ cargo build --release -q --workspace --bins
 B=$PWD/target/release
 W=$(mktemp -d /tmp/vmdev-compare.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+RESTORE=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  for r in "${RESTORE[@]}"; do eval "$r" 2>/dev/null || true; done
+  rm -rf "$W"
+}
 trap cleanup EXIT
+
+# Memory as each side would have it in production: DPDK in 2 MiB hugepages (hugetlbfs; with
+# 4 KiB pages its loopback runs ~30 % slower here), vmdev's guest memory in transparent huge
+# pages (shmem_enabled=advise). As root the script reserves and mounts what is missing and
+# undoes it at exit; otherwise DPDK runs with --no-huge and the header says so.
+HP=/proc/sys/vm/nr_hugepages THP=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+DPDK_MEM=(--no-huge -m 1024); MEM_NOTE="DPDK in 4 KiB pages (--no-huge: not root or no hugepages)"
+if [ "$(id -u)" = 0 ] && [ -w "$HP" ]; then
+  need=1100 # 2 MiB pages: 1 GiB for each of the two testpmd processes, and some slack
+  free=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)
+  if [ "$free" -lt "$need" ]; then
+    old=$(cat "$HP"); echo $((old + need - free)) >"$HP"; RESTORE+=("echo $old > $HP")
+  fi
+  if ! grep -q 'hugetlbfs.*pagesize=2M' /proc/mounts; then
+    mkdir -p "$W/huge" && mount -t hugetlbfs -o pagesize=2M nodev "$W/huge" && RESTORE=("umount $W/huge" "${RESTORE[@]}")
+  fi
+  if [ "$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)" -ge "$need" ] && grep -q 'hugetlbfs.*pagesize=2M' /proc/mounts; then
+    # One file per memseg list: virtio-user hands vhost-user one region per file (8 at most).
+    DPDK_MEM=(-m 1024 --single-file-segments); MEM_NOTE="DPDK in 2 MiB hugepages (hugetlbfs)"
+  fi
+  if grep -q '\[never\]' "$THP" 2>/dev/null; then echo advise >"$THP"; RESTORE+=("echo never > $THP"); fi
+fi
+MEM_NOTE="$MEM_NOTE; vmdev's guest memory: shmem_enabled $(grep -o '\[[a-z_]*\]' "$THP" 2>/dev/null | tr -d '[]')"
 
 # client SOCK SIZE [VDEV_EXTRA] -> prints the Rx-pps of each second from the 3rd, SECS-3 of them (the
 # first two ramp up, the last ones wind down when testpmd's stdin closes).
 client() {
   local sock=$1 size=$2 extra=${3:-} out=$W/client.log
-  sleep "$SECS" | timeout $((SECS + 30)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci --no-huge -m 1024 \
+  sleep "$SECS" | timeout $((SECS + 30)) dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci "${DPDK_MEM[@]}" \
     --file-prefix=vmdev-cmp-vu --vdev "net_virtio_user0,path=$sock,queues=1$extra" -- \
     --forward-mode=io --auto-start --tx-first --nb-cores=1 --txpkts="$size" \
     --total-num-mbufs=4096 --stats-period 1 >"$out" 2>&1 || true
@@ -45,7 +73,7 @@ run_dpdk() {
   local size=$1 sock=$W/dpdk.sock
   rm -f "$sock"
   # testpmd exits when its stdin closes: keep it open for the run.
-  dpdk-testpmd -l 0,1 --main-lcore 1 --no-pci --no-huge -m 1024 \
+  dpdk-testpmd -l 0,1 --main-lcore 1 --no-pci "${DPDK_MEM[@]}" \
     --file-prefix=vmdev-cmp-vh --vdev "net_vhost0,iface=$sock,queues=1" -- --forward-mode=io \
     --auto-start --nb-cores=1 --total-num-mbufs=4096 < <(sleep $((SECS + 60))) >"$W/vhost.log" 2>&1 &
   local pid=$!; PIDS+=("$pid")
@@ -116,6 +144,7 @@ echo "C: vmdev own       vmdev-perf throughput (vmdev's driver, vmdev protocol) 
 echo "D: vmdev packed    as C with packed virtqueues (--packed)"
 echo "E: vmdev own, io   as C, forwarding like testpmd io after tx_first: 32 frames circulate, no copy in the driver (--forward 32)"
 echo "F: vmdev door, packed   as B with packed virtqueues (virtio-user packed_vq=1)"
+echo "memory: $MEM_NOTE"
 echo "$RUNS runs x ${SECS}s each, back to back (A B C D E F A B ...), shm floor before and after each"
 : >"$W/secs.txt"; : >"$W/runs.txt"
 for size in $SIZES; do
