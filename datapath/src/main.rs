@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     if args.max_devices == 0 || args.max_devices > 1024 {
         bail!("--max-devices must be in 1..=1024");
     }
-    warn_if_no_shmem_huge_pages();
+    log_if_shmem_has_no_huge_pages();
     if let Some(cpu) = args.cpu {
         vmdev_datapath::sys::pin_to_cpu(cpu as usize)
             .with_context(|| format!("pinning to cpu {cpu}"))?;
@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
 /// Says so when the system keeps shared memory out of transparent huge pages: guest memory
 /// then sits in 4 KiB pages, and a datapath serving tens of devices loses about a fifth of
 /// its rate to TLB misses (perf/RESULTS.md, eighth session).
-fn warn_if_no_shmem_huge_pages() {
+fn log_if_shmem_has_no_huge_pages() {
     const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
     let Ok(s) = std::fs::read_to_string(KNOB) else {
         return;

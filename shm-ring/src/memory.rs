@@ -209,8 +209,8 @@ impl GuestMemory {
         }
         // Transparent huge pages where the system allows them for shared memory
         // (`shmem_enabled` not `never`): a datapath serving many devices touches more
-        // 4 KiB pages of buffers than the TLB holds (64 devices: 0.81-0.95 of one device's
-        // rate with 4 KiB pages, 1.08-1.11 with 2 MiB; perf/RESULTS.md). Refused where THP
+        // 4 KiB pages of buffers than the TLB holds (64 devices: 0.81-0.86 of one device's
+        // rate with 4 KiB pages, 1.04-1.06 with 2 MiB; perf/RESULTS.md). Refused where THP
         // is off, which only leaves 4 KiB pages, so the result is ignored.
         // SAFETY: advice on exactly the mapping just made; it changes no contents.
         let _ = unsafe { libc::madvise(p, map_len, libc::MADV_HUGEPAGE) };
