@@ -342,6 +342,43 @@ impl GuestMemory {
 mod tests {
     use super::*;
 
+    /// The `VmFlags` line of the mapping in /proc/self/smaps that holds `addr`.
+    fn vm_flags_of(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'));
+            if let Some((a, b)) = range {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = (a..b).contains(&addr);
+                    continue;
+                }
+            }
+            if inside && line.starts_with("VmFlags:") {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn every_region_is_advised_into_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            return; // a kernel without THP refuses the advice, as it should
+        }
+        let mut m = GuestMemory::new();
+        let fd = create_sealed_memfd("thp", 2 << 20).unwrap();
+        m.add_region(fd, GuestAddr(0x10_0000), 2 << 20, 0).unwrap();
+        let p = m.translate(GuestAddr(0x10_0000), 1).unwrap().as_ptr() as usize;
+        // `hg`: MADV_HUGEPAGE, whatever the system then does with it.
+        let flags = vm_flags_of(p);
+        assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+    }
+
     #[test]
     fn unsealed_and_non_memfd_are_refused() {
         let m = memfd::MemfdOptions::default().create("t").unwrap();
