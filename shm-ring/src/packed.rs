@@ -1100,34 +1100,31 @@ impl PackedDriverQueue {
     }
 
     /// Right after the driver took the first used descriptor of a cache line: calls `f`
-    /// with the id of each further descriptor on that line the device has marked used, for
-    /// prefetching their buffers. Reads only the line the driver already holds; a hint,
-    /// unvalidated (`pop_used` checks each id when it gets there).
-    pub fn peek_used_on_line(&self, mut f: impl FnMut(u16)) {
-        let addr = |i: u16| self.rings.desc.as_ptr() as usize + self.rings.desc_off(i);
-        let just = self
-            .last_used
-            .index
-            .checked_sub(1)
-            .unwrap_or(self.rings.size - 1);
-        if addr(just) % 64 != 0 {
+    /// with the id of each of the next `ahead` descriptors the device has marked used,
+    /// stopping at the first it has not, for prefetching their buffers. Up to 3 (the rest
+    /// of a line) it reads only the line the driver already holds; beyond, it reads the
+    /// next lines early, which costs a transfer when the device is still writing them. A
+    /// hint, unvalidated (`pop_used` checks each id when it gets there).
+    pub fn peek_used_ahead(&self, ahead: u16, mut f: impl FnMut(u16)) {
+        let size = self.rings.size;
+        let just = self.last_used.index.checked_sub(1).unwrap_or(size - 1);
+        let line_start =
+            (self.rings.desc.as_ptr() as usize + self.rings.desc_off(just)).is_multiple_of(64);
+        if !line_start {
             return;
         }
         let mut pos = self.last_used;
-        // At most the rest of the line (a ring of one line would otherwise wrap onto it).
-        for _ in 1..64 / DESC_LEN {
-            if addr(pos.index) / 64 != addr(just) / 64 {
-                break;
-            }
+        // Never back onto the descriptor just taken (a ring shorter than `ahead`).
+        for _ in 0..ahead.min(size - 1) {
             let flags = self.rings.flags(pos.index).load(Ordering::Relaxed);
             if !is_used(flags, pos.wrap) {
                 break;
             }
             let id = self.rings.read_id(pos.index);
-            if id < self.rings.size {
+            if id < size {
                 f(id);
             }
-            pos.advance(1, self.rings.size);
+            pos.advance(1, size);
         }
     }
 

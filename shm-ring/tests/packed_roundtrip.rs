@@ -724,11 +724,12 @@ fn next_used_hint_names_the_next_buffer_in_order() {
     }
 }
 
-/// After taking the first used descriptor of a cache line, the driver learns the ids of the
-/// further used descriptors on that line (to prefetch their buffers), and nothing past the
-/// line, past the first one not yet used, or after a descriptor in the middle of a line.
+/// After taking the first used descriptor of a cache line, the driver learns the ids of up
+/// to `ahead` further used descriptors (to prefetch their buffers): nothing past the first
+/// one not yet used, nothing after a descriptor in the middle of a line, and never the
+/// descriptor just taken again.
 #[test]
-fn peek_used_on_line_names_the_used_rest_of_the_line() {
+fn peek_used_ahead_names_the_used_descriptors_after_a_line_start() {
     let rig = PackedRig::new(8);
     let mut drv = rig.driver(ALL_FEATURES);
     let mut dev = rig.device(ALL_FEATURES);
@@ -747,25 +748,57 @@ fn peek_used_on_line_names_the_used_rest_of_the_line() {
         dev.add_used(id, 64).unwrap();
     }
     dev.publish_used();
-    let seen = |drv: &PackedDriverQueue| {
+    let seen = |drv: &PackedDriverQueue, ahead: u16| {
         let mut v = Vec::new();
-        drv.peek_used_on_line(|id| v.push(id));
+        drv.peek_used_ahead(ahead, |id| v.push(id));
         v
     };
     assert_eq!(drv.pop_used().unwrap(), Some((ids[0], 64)));
-    assert_eq!(seen(&drv), ids[1..4].to_vec(), "the rest of line 0");
+    assert_eq!(seen(&drv, 3), ids[1..4].to_vec(), "the rest of line 0");
+    assert_eq!(
+        seen(&drv, 7),
+        ids[1..6].to_vec(),
+        "into line 1, up to the first unused"
+    );
+    assert_eq!(seen(&drv, 2), ids[1..3].to_vec(), "no further than asked");
     assert_eq!(drv.pop_used().unwrap(), Some((ids[1], 64)));
-    assert_eq!(seen(&drv), Vec::<u16>::new(), "mid-line: nothing");
+    assert_eq!(seen(&drv, 7), Vec::<u16>::new(), "mid-line: nothing");
     for &id in &ids[2..5] {
         assert_eq!(drv.pop_used().unwrap(), Some((id, 64)));
     }
     assert_eq!(
-        seen(&drv),
+        seen(&drv, 3),
         vec![ids[5]],
         "line 1 up to the first unused one"
     );
     // A garbage id there is no hint (and no panic).
     let d = rig.desc_at(5);
     rig.write_desc(5, d.addr, d.len, 0xffff, d.flags);
-    assert_eq!(seen(&drv), Vec::<u16>::new(), "an id past the ring");
+    assert_eq!(seen(&drv, 3), Vec::<u16>::new(), "an id past the ring");
+}
+
+/// On a ring shorter than `ahead`, the look-ahead stops before coming back round to the
+/// descriptor just taken, even when every descriptor is used.
+#[test]
+fn peek_used_ahead_never_laps_the_ring() {
+    let rig = PackedRig::new(4);
+    let mut drv = rig.driver(ALL_FEATURES);
+    let mut dev = rig.device(ALL_FEATURES);
+    let seg = [Segment {
+        addr: GuestAddr(rig.data),
+        len: 64,
+        writable: true,
+    }];
+    let ids: Vec<u16> = (0..4).map(|_| drv.add(&seg).unwrap()).collect();
+    drv.publish();
+    let mut chain = Chain::new();
+    for &id in &ids {
+        assert!(dev.pop(&mut chain).unwrap());
+        dev.add_used(id, 64).unwrap();
+    }
+    dev.publish_used();
+    assert_eq!(drv.pop_used().unwrap(), Some((ids[0], 64)));
+    let mut v = Vec::new();
+    drv.peek_used_ahead(100, |id| v.push(id));
+    assert_eq!(v, ids[1..4].to_vec());
 }

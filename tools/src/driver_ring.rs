@@ -156,8 +156,8 @@ impl DriverRing {
     /// Calls `f` with the tokens of used chains worth prefetching now, after the driver took
     /// one (hints, unvalidated): on split rings the one `ahead` places after the next one,
     /// if published; on packed rings, which have no used index to say how far the device
-    /// got, the further used ones on the descriptor line just reached (a line the driver
-    /// already holds).
+    /// got, when the driver just reached a descriptor line, each of the next `ahead` the
+    /// device has marked used ([`PackedDriverQueue::peek_used_ahead`]).
     #[inline]
     pub fn peek_used(&self, ahead: u16, mut f: impl FnMut(u16)) {
         match &self.form {
@@ -166,7 +166,7 @@ impl DriverRing {
                     f(t)
                 }
             }
-            Form::Packed(r) => r.peek_used_on_line(f),
+            Form::Packed(r) => r.peek_used_ahead(ahead, f),
         }
     }
 

@@ -40,6 +40,15 @@ const LENT_RX: u32 = 1 << 31;
 /// buffer it will read.
 const PREFETCH_AHEAD: usize = 4;
 
+/// On packed rings, a received frame up to this long (virtio-net header included) lets
+/// the driver look at the next descriptor line too when it reaches a line (seven buffers
+/// on, not three). Short frames come back faster than the device publishes them, so that
+/// line is usually complete; long ones leave the device still writing it, and reading it
+/// early takes the line from under the device. On the eighth session's host, packed/split
+/// at 64 B went from 0.93-0.95 to 1.08 with it; looking ahead seven always lost 4-6 % at
+/// 1518 B (perf/RESULTS.md).
+const PACKED_SHORT_FRAME: u32 = 256;
+
 /// Failures of the driver.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -723,7 +732,7 @@ impl<T: DeviceTransport> NetDriver<T> {
             return Ok(None);
         };
         let buf = self.rx_buf_of_head.get(head as usize).copied().unwrap_or(0);
-        self.prefetch_rx_ahead();
+        self.prefetch_rx_ahead(len);
         if (len as usize) < net::HDR_LEN || len as u64 > self.rx_buf {
             return Err(DriverError::Device(format!(
                 "RX used length {len} outside {}..={}",
@@ -740,11 +749,16 @@ impl<T: DeviceTransport> NetDriver<T> {
     }
 
     /// Asks the cache for RX buffers the device has already filled (from the other core),
-    /// so that reading them later does not stall: a few used entries on for split rings,
-    /// the rest of the descriptor line just reached for packed ones.
-    fn prefetch_rx_ahead(&self) {
-        self.rx
-            .peek_used(PREFETCH_AHEAD as u16 - 1, |next| self.prefetch_rx(next));
+    /// so that reading them later does not stall: a few used entries on for split rings;
+    /// for packed ones, when a descriptor line was just reached, the rest of it, and the
+    /// next line too after a short frame (`len`, the one just taken).
+    fn prefetch_rx_ahead(&self, len: u32) {
+        let ahead = if self.rx.is_packed() && len <= PACKED_SHORT_FRAME {
+            2 * PREFETCH_AHEAD as u16 - 1
+        } else {
+            PREFETCH_AHEAD as u16 - 1
+        };
+        self.rx.peek_used(ahead, |next| self.prefetch_rx(next));
     }
 
     /// Asks the cache for the first lines of the RX buffer under descriptor `head` (a
