@@ -1102,9 +1102,10 @@ impl PackedDriverQueue {
     /// Right after the driver took the first used descriptor of a cache line: calls `f`
     /// with the id of each of the next `ahead` descriptors the device has marked used,
     /// stopping at the first it has not, for prefetching their buffers. Up to 3 (the rest
-    /// of a line) it reads only the line the driver already holds; beyond, it reads the
-    /// next lines early, which costs a transfer when the device is still writing them. A
-    /// hint, unvalidated (`pop_used` checks each id when it gets there).
+    /// of a line) it reads only the line the driver already holds, unless the ring ends
+    /// within them; beyond, it reads the next lines early, which costs a transfer when the
+    /// device is still writing them. A hint, unvalidated (`pop_used` checks each id when
+    /// it gets there).
     pub fn peek_used_ahead(&self, ahead: u16, mut f: impl FnMut(u16)) {
         let size = self.rings.size;
         let just = self.last_used.index.checked_sub(1).unwrap_or(size - 1);
