@@ -106,15 +106,10 @@ fn main() -> anyhow::Result<()> {
 /// then sits in 4 KiB pages, and a datapath serving tens of devices loses about a fifth of
 /// its rate to TLB misses (perf/RESULTS.md, eighth session).
 fn log_if_shmem_has_no_huge_pages() {
-    const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
-    let Ok(s) = std::fs::read_to_string(KNOB) else {
-        return;
-    };
-    let chosen = s.split_whitespace().find(|w| w.starts_with('['));
-    if matches!(chosen, Some("[never]") | Some("[deny]")) {
+    let setting = vmdev_shm_ring::shmem_huge_setting();
+    if let Some(s @ ("never" | "deny")) = setting.as_deref() {
         tracing::info!(
-            "{KNOB} is {}: guest memory stays in 4 KiB pages; for many devices write `advise` there",
-            chosen.unwrap_or_default()
+            "/sys/kernel/mm/transparent_hugepage/shmem_enabled is {s}: guest memory stays in 4 KiB pages; for many devices write `advise` there"
         );
     }
 }

@@ -163,7 +163,7 @@ pub fn scale(a: &ScaleArgs) -> Result<()> {
         rows.push((n, res?));
     }
     let base = rows.first().map(|r| r.1).unwrap_or(1.0).max(1.0);
-    let shmem = shmem_huge_setting();
+    let shmem = vmdev_shm_ring::shmem_huge_setting();
     if a.json {
         let v: Vec<_> = rows
             .iter()
@@ -194,16 +194,6 @@ pub fn scale(a: &ScaleArgs) -> Result<()> {
         println!("{n:>8} {:>16.3} {:>12.3}", fps / 1e6, fps / base);
     }
     Ok(())
-}
-
-/// The system's transparent-huge-page setting for shared memory (`never`, `advise`, ...),
-/// which decides whether guest memory gets the 2 MiB pages it asks for: 64 devices run a
-/// fifth slower without them.
-fn shmem_huge_setting() -> Option<String> {
-    let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").ok()?;
-    s.split_whitespace()
-        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
-        .map(str::to_string)
 }
 
 /// Nanoseconds process `pid` has run on a CPU, all threads (from /proc/PID/task/*/schedstat).

@@ -33,6 +33,6 @@ mod volatile;
 pub use addr::GuestAddr;
 pub use chain::Chain;
 pub use error::{MemError, RingError};
-pub use memory::{create_sealed_memfd, GuestMemory};
+pub use memory::{create_sealed_memfd, shmem_huge_setting, GuestMemory};
 pub use packed::{PackedDeviceQueue, PackedDriverQueue, PackedLayout, PackedState};
 pub use split::{DeviceQueue, DriverQueue, SplitLayout};

@@ -149,6 +149,16 @@ pub fn create_sealed_memfd(name: &str, size: u64) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(mfd.into_file()))
 }
 
+/// The system's transparent-huge-page setting for shared memory (`never`, `advise`,
+/// `always`, ...): guest memory gets the 2 MiB pages [`GuestMemory`] asks for only when it
+/// is not `never` or `deny`. `None` where the kernel has no such setting.
+pub fn shmem_huge_setting() -> Option<String> {
+    let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").ok()?;
+    s.split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        .map(str::to_string)
+}
+
 impl GuestMemory {
     /// An empty table.
     pub fn new() -> Self {

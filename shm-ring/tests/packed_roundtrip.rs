@@ -724,6 +724,28 @@ fn next_used_hint_names_the_next_buffer_in_order() {
     }
 }
 
+/// A driver over `rig` that made every descriptor a writable 64-byte buffer, of which the
+/// device used the first `used` (64 bytes each) and published them; and the buffer ids in
+/// ring order.
+fn driver_with_used(rig: &PackedRig, used: usize) -> (PackedDriverQueue, Vec<u16>) {
+    let mut drv = rig.driver(ALL_FEATURES);
+    let mut dev = rig.device(ALL_FEATURES);
+    let seg = [Segment {
+        addr: GuestAddr(rig.data),
+        len: 64,
+        writable: true,
+    }];
+    let ids: Vec<u16> = (0..rig.size).map(|_| drv.add(&seg).unwrap()).collect();
+    drv.publish();
+    let mut chain = Chain::new();
+    for &id in &ids[..used] {
+        assert!(dev.pop(&mut chain).unwrap());
+        dev.add_used(id, 64).unwrap();
+    }
+    dev.publish_used();
+    (drv, ids)
+}
+
 /// After taking the first used descriptor of a cache line, the driver learns the ids of up
 /// to `ahead` further used descriptors (to prefetch their buffers): nothing past the first
 /// one not yet used, nothing after a descriptor in the middle of a line, and never the
@@ -731,23 +753,9 @@ fn next_used_hint_names_the_next_buffer_in_order() {
 #[test]
 fn peek_used_ahead_names_the_used_descriptors_after_a_line_start() {
     let rig = PackedRig::new(8);
-    let mut drv = rig.driver(ALL_FEATURES);
-    let mut dev = rig.device(ALL_FEATURES);
     assert_eq!(rig.desc.0 % 64, 0, "the rig's ring starts a cache line");
-    let seg = [Segment {
-        addr: GuestAddr(rig.data),
-        len: 64,
-        writable: true,
-    }];
-    let ids: Vec<u16> = (0..8).map(|_| drv.add(&seg).unwrap()).collect();
-    drv.publish();
-    let mut chain = Chain::new();
     // The device uses the first six.
-    for &id in &ids[..6] {
-        assert!(dev.pop(&mut chain).unwrap());
-        dev.add_used(id, 64).unwrap();
-    }
-    dev.publish_used();
+    let (mut drv, ids) = driver_with_used(&rig, 6);
     let seen = |drv: &PackedDriverQueue, ahead: u16| {
         let mut v = Vec::new();
         drv.peek_used_ahead(ahead, |id| v.push(id));
@@ -782,21 +790,7 @@ fn peek_used_ahead_names_the_used_descriptors_after_a_line_start() {
 #[test]
 fn peek_used_ahead_never_laps_the_ring() {
     let rig = PackedRig::new(4);
-    let mut drv = rig.driver(ALL_FEATURES);
-    let mut dev = rig.device(ALL_FEATURES);
-    let seg = [Segment {
-        addr: GuestAddr(rig.data),
-        len: 64,
-        writable: true,
-    }];
-    let ids: Vec<u16> = (0..4).map(|_| drv.add(&seg).unwrap()).collect();
-    drv.publish();
-    let mut chain = Chain::new();
-    for &id in &ids {
-        assert!(dev.pop(&mut chain).unwrap());
-        dev.add_used(id, 64).unwrap();
-    }
-    dev.publish_used();
+    let (mut drv, ids) = driver_with_used(&rig, 4);
     assert_eq!(drv.pop_used().unwrap(), Some((ids[0], 64)));
     let mut v = Vec::new();
     drv.peek_used_ahead(100, |id| v.push(id));

@@ -139,6 +139,20 @@ impl Daemons {
             .expect("run vmdev-perf")
     }
 
+    /// Runs `vmdev-perf SUBCOMMAND --run-dir DIR ARGS… --json`, which must succeed, and
+    /// returns its JSON report.
+    pub fn vmdev_perf_json(&self, subcommand: &str, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.vmdev_perf(subcommand, &all);
+        assert!(
+            out.status.success(),
+            "vmdev-perf {subcommand} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON report")
+    }
+
     /// Starts a net-loopback device on `parent` with vmdevctl; returns its UUID.
     pub fn start_device(&self, parent: &str, attrs: &[&str]) -> Uuid {
         self.start_device_with(parent, attrs, None)

@@ -10,16 +10,7 @@ fn idle_reports_cpu_time_and_the_first_millisecond_after_waking() {
     let mut d = Daemons::start();
     d.add_datapath("dp0");
     let u = d.start_device("dp0", &[]).to_string();
-    let out = d.vmdev_perf(
-        "idle",
-        &["-u", &u, "--seconds", "0.2", "--wakes", "3", "--json"],
-    );
-    assert!(
-        out.status.success(),
-        "vmdev-perf idle failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let v = d.vmdev_perf_json("idle", &["-u", &u, "--seconds", "0.2", "--wakes", "3"]);
     assert_eq!(v["benchmark"], "idle");
     assert!(v["busy_frames_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
     assert!(v["wake_round_trip_ns"].as_u64().unwrap_or(0) > 0, "{v}");

@@ -5,10 +5,11 @@
 
 use vmdev_tests::Daemons;
 
-fn rings(d: &Daemons, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["--floor-iters", "0", "--json"];
+/// `vmdev-perf rings` without the floors (timing is not what these tests look at).
+fn rings_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["--floor-iters", "0"];
     all.extend_from_slice(args);
-    d.vmdev_perf("rings", &all)
+    all
 }
 
 #[test]
@@ -23,13 +24,7 @@ fn rings_drives_a_split_and_a_packed_device_in_alternating_slices() {
         if in_order {
             args.push("--in-order");
         }
-        let out = rings(&d, &args);
-        assert!(
-            out.status.success(),
-            "vmdev-perf rings failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        let v = d.vmdev_perf_json("rings", &rings_args(&args));
         assert_eq!(v["benchmark"], "rings");
         assert_eq!(v["in_order"], in_order);
         assert!(v["slices"].as_u64().unwrap_or(0) >= 2, "{v}");
@@ -53,7 +48,7 @@ fn rings_refuses_the_same_device_twice() {
     let mut d = Daemons::start();
     d.add_datapath("dp0");
     let u = d.start_device("dp0", &[]).to_string();
-    let out = rings(&d, &["-u", &u, "--packed-uuid", &u]);
+    let out = d.vmdev_perf("rings", &rings_args(&["-u", &u, "--packed-uuid", &u]));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("second device"), "{err}");

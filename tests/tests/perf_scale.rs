@@ -9,24 +9,8 @@ use vmdev_tests::Daemons;
 fn scale_reports_each_device_count_and_the_huge_page_setting() {
     let mut d = Daemons::start();
     d.add_datapath("dp0");
-    let out = d.vmdev_perf(
-        "scale",
-        &[
-            "-p",
-            "dp0",
-            "--devices",
-            "1,3",
-            "--seconds",
-            "0.3",
-            "--json",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "vmdev-perf scale failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let args = ["-p", "dp0", "--devices", "1,3", "--seconds", "0.3"];
+    let v = d.vmdev_perf_json("scale", &args);
     assert_eq!(v["benchmark"], "scale");
     let rows = v["rows"].as_array().expect("rows");
     let counts: Vec<u64> = rows.iter().filter_map(|r| r["devices"].as_u64()).collect();
